@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_mil.synthetic import SyntheticSpec, make_cohort, write_slide
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "slides"
+CMU = REAL / "cmu-1-small-region.svs"
+BROKEN = REAL / "broken.svs"
+
+needs_real = pytest.mark.skipif(not CMU.is_file(), reason="../shared/slides is not present")
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """Six small synthetic slides (3 tumour, 3 normal; one with pen, one with debris) + truth + labels."""
+    return make_cohort(tmp_path_factory.mktemp("cohort"), n_slides=6, width=3072, height=2560)
+
+
+@pytest.fixture(scope="session")
+def slide_factory(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slides")
+    made: dict = {}
+
+    def make(name: str, **kw) -> Path:
+        if name not in made:
+            path = root / f"{name}.svs"
+            write_slide(path, SyntheticSpec(**kw), root / "truth")
+            made[name] = path
+        return made[name]
+
+    make.truth = root / "truth"
+    return make
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))

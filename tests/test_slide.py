@@ -1,0 +1,97 @@
+import csv
+
+import numpy as np
+import pytest
+from conftest import BROKEN, CMU, needs_real
+
+from wsi_mil.config import SlidesConfig
+from wsi_mil.errors import SlideError, WsiMilError
+from wsi_mil.slide import SlideReader, discover_slides, open_slide
+from wsi_mil.slide.mpp import load_mpp_csv
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_synthetic_slide_opens_in_both_backends_with_its_mpp(slide_factory, backend):
+    path = slide_factory("plain", width=3000, height=2200, mpp=0.25, seed=1)
+    with open_slide(path, SlidesConfig(backend=backend)) as r:
+        assert r.backend == backend
+        assert r.mpp == pytest.approx(0.25, rel=1e-4)
+        assert r.level_count >= 3
+        assert r.level_downsamples[:3] == (1.0, 2.0, 4.0)
+        assert r.level_dimensions[1] == (1500, 1100)
+        assert r.best_level_for_mpp(0.5) == 1
+        assert r.best_level_for_mpp(0.9) == 1  # largest mpp <= target, never coarser
+        assert r.best_level_for_mpp(0.1) == 0
+
+
+def test_backends_return_the_same_pixels_and_white_outside(slide_factory):
+    path = slide_factory("plain", width=3000, height=2200, mpp=0.25, seed=1)
+    with SlideReader(path, "openslide") as a, SlideReader(path, "tiffslide") as b:
+        for level in (0, 1):
+            ra = a.read_region((1200, 900), level, (300, 200))
+            rb = b.read_region((1200, 900), level, (300, 200))
+            assert ra.shape == (200, 300, 3) and ra.dtype == np.uint8
+            assert np.abs(ra.astype(int) - rb.astype(int)).max() <= 2
+        edge_a = a.read_region((2900, 2100), 0, (200, 200))
+        edge_b = b.read_region((2900, 2100), 0, (200, 200))
+        assert (edge_a[100:, 100:] == 255).all() and (edge_b[100:, 100:] == 255).all()
+        np.testing.assert_array_equal(edge_a, edge_b)
+
+
+@needs_real
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide", "auto"])
+def test_real_svs_mpp(backend):
+    with open_slide(CMU, SlidesConfig(backend=backend)) as r:
+        assert r.mpp == pytest.approx(0.499)
+        assert r.dimensions == (2220, 2967)
+        assert r.backend in ("openslide", "tiffslide")
+
+
+@needs_real
+def test_broken_slide_gives_one_line_naming_the_file():
+    with pytest.raises(SlideError) as err:
+        SlideReader(BROKEN)
+    assert "broken.svs" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mpp_resolution_order(slide_factory, tmp_path):
+    props = slide_factory("props", width=1024, height=1024, mpp=0.5, seed=2)
+    tags = slide_factory("tags", width=1024, height=1024, mpp=0.5, seed=2, mpp_in_metadata=False)
+    power = slide_factory("power", width=1024, height=1024, mpp=0.5, seed=2, mpp_in_metadata=False,
+                          resolution_tags=False)
+    bare = slide_factory("bare", width=1024, height=1024, mpp=0.5, seed=2, mpp_in_metadata=False,
+                         resolution_tags=False, objective_in_metadata=False)
+    assert open_slide(props).mpp_source == "properties"
+    r = open_slide(tags)
+    assert r.mpp_source == "tiff_resolution" and r.mpp == pytest.approx(0.5, rel=1e-6)
+    r = open_slide(power)
+    assert r.mpp_source == "objective_power" and r.mpp == pytest.approx(0.5)
+    with pytest.raises(SlideError) as err:
+        open_slide(bare)
+    msg = str(err.value)
+    assert "bare" in msg and "slides.mpp_csv" in msg and "slides.default_mpp" in msg
+    r = open_slide(bare, SlidesConfig(default_mpp=0.3))
+    assert (r.mpp, r.mpp_source) == (0.3, "default_mpp")
+    csv_path = tmp_path / "mpp.csv"
+    csv_path.write_text("slide_id,mpp\nbare,0.42\nprops,0.26\n")
+    overrides = load_mpp_csv(csv_path)
+    assert open_slide(bare, mpp_overrides=overrides).mpp == 0.42
+    assert open_slide(props, mpp_overrides=overrides).mpp == 0.26  # the CSV wins over metadata
+
+
+def test_discovery_folder_csv_and_duplicates(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "s1.svs").write_bytes(b"x")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "sub" / "s2.tif").write_bytes(b"x")
+    exts = SlidesConfig().extensions
+    assert [s.slide_id for s in discover_slides(tmp_path / "a", exts)] == ["s1"]
+    assert [s.slide_id for s in discover_slides(tmp_path / "a", exts, recursive=True)] == ["s1", "s2"]
+    listing = tmp_path / "list.csv"
+    with listing.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["path"], ["a/s1.svs"], ["a/sub/s2.tif"]])
+    assert [s.path.name for s in discover_slides(listing, exts)] == ["s1.svs", "s2.tif"]
+    (tmp_path / "a" / "sub" / "s1.tiff").write_bytes(b"x")
+    with pytest.raises(WsiMilError, match="duplicate slide_id 's1'"):
+        discover_slides(tmp_path / "a", exts, recursive=True)

@@ -1,0 +1,197 @@
+"""Typed, validated configuration.
+
+One pydantic model per section; unknown keys and bad values are rejected with one line that names the
+dotted key. ``configs/default.yaml`` documents every key and is checked against these defaults in tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+WSI_EXTENSIONS = [".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SlidesConfig(Section):
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    default_mpp: float | None = Field(None, gt=0)
+    mpp_csv: Path | None = None
+    recursive: bool = False
+    extensions: list[str] = Field(default_factory=lambda: list(WSI_EXTENSIONS))
+
+
+class TissueConfig(Section):
+    mpp: float = Field(8.0, gt=0)
+    method: Literal["saturation", "grey"] = "saturation"
+    median_ksize: int = Field(5, ge=1)
+    threshold_min: int = Field(15, ge=0, le=255)
+    close_um: float = Field(32.0, ge=0)
+    min_area_um2: float = Field(20000.0, ge=0)
+    max_hole_area_um2: float = Field(20000.0, ge=0)
+    remove_pen: bool = True
+    remove_black: bool = True
+    geojson_dir: Path | None = None
+
+    @field_validator("median_ksize")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd")
+        return v
+
+
+class TilingConfig(Section):
+    target_mpp: float = Field(0.5, gt=0)
+    patch_size: int = Field(256, ge=8)
+    overlap: float = Field(0.0, ge=0, lt=1)
+    min_tissue_fraction: float = Field(0.25, ge=0, le=1)
+
+
+class EncoderConfig(Section):
+    name: str = "resnet50_trunc"
+    pretrained: bool = True
+    weights: Path | None = None
+
+
+class ExtractConfig(Section):
+    batch_size: int = Field(0, ge=0)
+    num_workers: int = Field(-1, ge=-1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    feature_dtype: Literal["float32", "float16"] = "float32"
+
+
+class ModelConfig(Section):
+    name: Literal["abmil", "abmil_gated", "meanpool", "maxpool"] = "abmil_gated"
+    hidden_dim: int = Field(256, ge=1)
+    attention_dim: int = Field(128, ge=1)
+    dropout: float = Field(0.25, ge=0, lt=1)
+
+
+class TrainConfig(Section):
+    labels: Path | None = None
+    features: Path | None = None
+    run_name: str = "default"
+    folds: int = Field(5, ge=1)
+    epochs: int = Field(40, ge=1)
+    min_epochs: int = Field(5, ge=0)
+    patience: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    batch_size: int = Field(4, ge=1)
+    max_instances: int | None = Field(None, ge=1)
+    balance: Literal["none", "weighted_loss", "sampler"] = "weighted_loss"
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    missing: Literal["skip", "error"] = "skip"
+    split_column: str | None = None
+    seed: int = 0
+
+
+class HeatmapConfig(Section):
+    run: str | None = None
+    mpp: float | None = Field(16.0, gt=0)
+    downsample: float | None = Field(None, gt=0)
+    smooth_sigma_um: float = Field(0.0, ge=0)
+    cmap: str = "jet"
+    alpha: float = Field(0.5, ge=0, le=1)
+    top_k: int = Field(8, ge=0)
+    refine: bool = False
+    refine_overlap: float = Field(0.5, gt=0, lt=1)
+    exports: list[Literal["png", "tiff", "geojson", "zarr", "patches"]] = Field(
+        default_factory=lambda: ["png", "tiff", "geojson", "zarr", "patches"]
+    )
+
+
+class RunnerConfig(Section):
+    executor: Literal["serial", "process", "dask"] = "serial"
+    workers: int = Field(0, ge=0)
+    overwrite: bool = False
+    dask_address: str | None = None
+    retries: int = Field(2, ge=0)
+
+
+class Config(Section):
+    slides: SlidesConfig = Field(default_factory=SlidesConfig)
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"config error: unknown key '{key}'"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"config error: {key}: {first['msg']}{shown}"
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn ``["tiling.target_mpp=0.25", ...]`` into a nested dict; values are parsed as YAML scalars."""
+    data: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"config error: override '{pair}' is not key=value")
+        key, raw = pair.split("=", 1)
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config error: file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping of sections")
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        data = _merge(data, extra)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,76 @@
+"""Executors run a picklable per-task function over items and yield results as they finish.
+
+Stages never see which executor runs them. ``serial`` and ``process`` are built in; ``dask`` lives in
+:mod:`wsi_mil.runner.dask_executor` and is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+
+class Executor(ABC):
+    """Map ``fn`` over ``items``; yield ``(item, result)`` in completion order.
+
+    ``on_lost(item, reason)`` makes the result for an item whose worker died ``retries`` times.
+    """
+
+    @abstractmethod
+    def imap(self, fn: Callable, items: Iterable, on_lost: Callable[[Any, str], Any]) -> Iterator[tuple[Any, Any]]:
+        ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook; most executors hold nothing
+        """Release workers or cluster connections (nothing by default)."""
+
+
+class SerialExecutor(Executor):
+    def imap(self, fn, items, on_lost):
+        for item in items:
+            yield item, fn(item)
+
+
+class ProcessExecutor(Executor):
+    """A local process pool (spawned, so no forked threads or slide handles). Dead workers are retried."""
+
+    def __init__(self, workers: int, retries: int = 2):
+        self.workers = max(1, workers)
+        self.retries = retries
+
+    def imap(self, fn, items, on_lost):
+        pending = list(items)
+        tries = {id(i): 0 for i in pending}
+        while pending:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(self.workers, len(pending)), mp_context=ctx) as pool:
+                futures = {pool.submit(fn, item): item for item in pending}
+                pending = []
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        item = futures.pop(fut)
+                        try:
+                            yield item, fut.result()
+                        except BrokenProcessPool:
+                            tries[id(item)] += 1
+                            if tries[id(item)] > self.retries:
+                                yield item, on_lost(item, f"worker process died {tries[id(item)]} times")
+                            else:
+                                pending.append(item)
+
+
+def make_executor(kind: str, workers: int = 0, retries: int = 2, dask_address: str | None = None,
+                  resources: dict | None = None) -> Executor:
+    if kind == "serial":
+        return SerialExecutor()
+    if kind == "process":
+        return ProcessExecutor(workers or max(1, mp.cpu_count()), retries)
+    if kind == "dask":
+        from .dask_executor import DaskExecutor
+
+        return DaskExecutor(address=dask_address, workers=workers, retries=retries, resources=resources)
+    raise ValueError(f"unknown executor '{kind}'")

@@ -1,0 +1,66 @@
+"""``manifest.csv``: one row per (slide_id, stage), the latest outcome. Safe for concurrent runs."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..atomic import write_text
+
+FIELDS = ["slide_id", "stage", "status", "seconds", "reason"]
+
+
+@dataclass
+class Record:
+    slide_id: str
+    stage: str
+    status: str  # done | failed | skipped
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def update_manifest(path: str | Path, records: Iterable[Record], keep_existing: bool = False) -> None:
+    """Upsert records under an exclusive lock, then replace the file atomically.
+
+    With ``keep_existing`` a record only fills a missing row (a "skipped" never hides a "done").
+    """
+    path = Path(path)
+    with _locked(path):
+        rows = {(r["slide_id"], r["stage"]): r for r in read_manifest(path)}
+        for rec in records:
+            if keep_existing and (rec.slide_id, rec.stage) in rows:
+                continue
+            row = asdict(rec)
+            row["seconds"] = f"{rec.seconds:.3f}"
+            row["reason"] = " ".join(str(rec.reason).split())
+            rows[(rec.slide_id, rec.stage)] = row
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, FIELDS)
+        writer.writeheader()
+        for key in sorted(rows):
+            writer.writerow({k: rows[key].get(k, "") for k in FIELDS})
+        write_text(path, buf.getvalue())

@@ -1,0 +1,138 @@
+"""Tissue masks at low resolution (torch-free).
+
+Saturation (or grey) Otsu after a median blur, pen ink and black debris removed, morphological closing,
+small holes filled and small objects removed. Every size is physical (µm, µm²) and converted to pixels
+at the mask's own resolution, so a 2 mm biopsy and a 25 mm resection are treated alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .config import TissueConfig
+
+
+def _px_area(area_um2: float, mpp: float) -> int:
+    return int(round(area_um2 / (mpp * mpp)))
+
+
+def pen_and_debris_mask(rgb: np.ndarray, cfg: TissueConfig) -> np.ndarray:
+    """Pixels of red, green or blue marker ink, and (optionally) black debris."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # H in [0, 180)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    out = np.zeros(rgb.shape[:2], bool)
+    if cfg.remove_pen:
+        green = (h >= 35) & (h <= 95) & (s > 50)
+        blue = (h > 95) & (h <= 128) & (s > 90)
+        red = ((h <= 8) | (h >= 172)) & (s > 140) & (v < 235)
+        out |= green | blue | red
+    if cfg.remove_black:
+        out |= v < 45
+    if out.any():
+        out = cv2.dilate(out.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return out
+
+
+def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    if min_px <= 1:
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) -> np.ndarray:
+    """Boolean tissue mask for an RGB thumbnail at ``mpp`` µm/px. Pure: numpy in, numpy out."""
+    cfg = cfg or TissueConfig()
+    img = cv2.medianBlur(rgb, cfg.median_ksize) if cfg.median_ksize > 1 else rgb
+    if cfg.method == "saturation":
+        channel = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1]
+        thr, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        mask = channel > max(thr, cfg.threshold_min)
+    else:
+        channel = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        thr, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        mask = channel < min(thr, 255 - cfg.threshold_min)
+    if cfg.remove_pen or cfg.remove_black:
+        mask &= ~pen_and_debris_mask(img, cfg)
+    radius = int(round(cfg.close_um / mpp / 2))
+    if radius >= 1:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
+    mask = ~_remove_small(~mask, _px_area(cfg.max_hole_area_um2, mpp) + 1)  # fill holes below the size
+    return _remove_small(mask, _px_area(cfg.min_area_um2, mpp))
+
+
+# -- GeoJSON (QuPath) ---------------------------------------------------------------------------
+
+def mask_to_geojson(mask: np.ndarray, scale: float, name: str = "Tissue") -> dict:
+    """Tissue polygons (with holes) in level-0 pixels, as a QuPath-importable FeatureCollection."""
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    features = []
+    if hierarchy is not None:
+        hierarchy = hierarchy[0]
+
+        def ring(c: np.ndarray) -> list[list[float]]:
+            pts = (c.reshape(-1, 2).astype(np.float64) + 0.5) * scale
+            pts = [[round(float(x), 1), round(float(y), 1)] for x, y in pts]
+            return pts + [pts[0]]
+
+        for i, c in enumerate(contours):
+            if hierarchy[i][3] != -1 or len(c) < 3:
+                continue  # holes are attached to their parent below
+            rings = [ring(c)]
+            child = hierarchy[i][2]
+            while child != -1:
+                if len(contours[child]) >= 3:
+                    rings.append(ring(contours[child]))
+                child = hierarchy[child][0]
+            features.append({
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": {"objectType": "annotation", "classification": {"name": name}},
+            })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _polygons(obj) -> list[list]:
+    """All polygons (each a list of rings) in a GeoJSON object, FeatureCollection, Feature or list."""
+    if isinstance(obj, list):
+        return [p for item in obj for p in _polygons(item)]
+    kind = obj.get("type")
+    if kind == "FeatureCollection":
+        return _polygons(obj.get("features", []))
+    if kind == "Feature":
+        return _polygons(obj.get("geometry") or {})
+    if kind == "Polygon":
+        return [obj["coordinates"]]
+    if kind == "MultiPolygon":
+        return list(obj["coordinates"])
+    if kind == "GeometryCollection":
+        return _polygons(obj.get("geometries", []))
+    return []
+
+
+def geojson_to_mask(geojson: dict | list, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Rasterise level-0 polygons (holes honoured) onto a mask of ``shape`` at ``scale`` level-0 px per px."""
+    mask = np.zeros(shape, np.uint8)
+    for rings in _polygons(geojson):
+        pts = [np.round(np.asarray(r, np.float64) / scale - 0.5).astype(np.int32) for r in rings]
+        cv2.fillPoly(mask, pts[:1], 1)
+        if len(pts) > 1:
+            cv2.fillPoly(mask, pts[1:], 0)
+    return mask.astype(bool)
+
+
+def load_user_geojson(folder: Path | None, slide_id: str) -> dict | None:
+    if folder is None:
+        return None
+    for ext in (".geojson", ".json"):
+        path = Path(folder) / f"{slide_id}{ext}"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
