@@ -156,3 +156,15 @@ def test_cli_user_errors_are_one_line(tmp_path):
         assert r.returncode == 2
         assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
 
+
+
+def test_output_finished_just_before_a_crash_is_recorded_done(tmp_path):
+    """The window between the atomic rename and the manifest update: the resume must call it done."""
+    (tmp_path / "s1.out").write_text("complete")
+    ran = []
+    res = run_batch("demo", [SlideRef("s1", tmp_path), SlideRef("s2", tmp_path)],
+                    lambda s: ran.append(s.slide_id), lambda sid: tmp_path / f"{sid}.out", tmp_path,
+                    progress=False)
+    assert ran == ["s2"] and res.records[0].status == "skipped"
+    assert {r["slide_id"]: r["status"] for r in read_manifest(tmp_path / "manifest.csv")} == {
+        "s1": "done", "s2": "done"}

@@ -174,6 +174,11 @@ class Renderer:
 
     def _texture(self, bank: np.ndarray, x0: int, y0: int, w: int, h: int, ds: float) -> np.ndarray:
         size = bank.shape[1]
+        cx0, cy0 = int(x0 * ds // TEX_SIZE), int(y0 * ds // TEX_SIZE)
+        r0, c0 = y0 % size, x0 % size
+        if r0 + h <= size and c0 + w <= size:  # one texture cell, no wrap: a plain slice
+            v = (cx0 * 73856093 ^ cy0 * 19349663 ^ self.spec.seed) % len(bank)
+            return bank[v, r0:r0 + h, c0:c0 + w]
         cols = np.arange(x0, x0 + w)
         rows = np.arange(y0, y0 + h)
         ccell, rcell = (cols * ds // TEX_SIZE).astype(np.int64), (rows * ds // TEX_SIZE).astype(np.int64)

@@ -89,6 +89,20 @@ class _Bound:
         return run_task(self.fn, task)
 
 
+def _manifest_view(record: Record, task: Task) -> Record:
+    """A slide skipped because its complete output exists is done (e.g. finished just before a crash)."""
+    if record.status == "skipped" and task.output.exists():
+        return Record(record.slide_id, record.stage, "done", record.seconds, "complete output exists")
+    return record
+
+
+def _write_if(record: Record):
+    """Skips only fill gaps: they never overwrite a row that already says done."""
+    if record.status != "skipped":
+        return None
+    return lambda row: row is None or row.get("status") != "done"
+
+
 def run_batch(
     stage: str,
     slides: list[SlideRef],
@@ -121,7 +135,7 @@ def run_batch(
     try:
         for _task, record in executor.imap(_Bound(fn), tasks, lost):
             result.records.append(record)
-            update_manifest(manifest, [record], keep_existing=record.status == "skipped")
+            update_manifest(manifest, [_manifest_view(record, _task)], _write_if(record))
             if record.status == "failed":
                 tqdm.write(f"failed: {record.slide_id} ({stage}): {record.reason}", file=sys.stderr)
             bar.update(1)

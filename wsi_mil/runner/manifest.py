@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,16 +43,17 @@ def read_manifest(path: str | Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def update_manifest(path: str | Path, records: Iterable[Record], keep_existing: bool = False) -> None:
+def update_manifest(path: str | Path, records: Iterable[Record],
+                    write_if: Callable[[dict | None], bool] | None = None) -> None:
     """Upsert records under an exclusive lock, then replace the file atomically.
 
-    With ``keep_existing`` a record only fills a missing row (a "skipped" never hides a "done").
+    ``write_if(existing_row_or_None)`` can veto a record, e.g. so a "skipped" never hides a "done".
     """
     path = Path(path)
     with _locked(path):
         rows = {(r["slide_id"], r["stage"]): r for r in read_manifest(path)}
         for rec in records:
-            if keep_existing and (rec.slide_id, rec.stage) in rows:
+            if write_if is not None and not write_if(rows.get((rec.slide_id, rec.stage))):
                 continue
             row = asdict(rec)
             row["seconds"] = f"{rec.seconds:.3f}"
