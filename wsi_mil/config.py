@@ -68,6 +68,7 @@ class ExtractConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    read_group: int = Field(8, ge=1)
     feature_dtype: Literal["float32", "float16"] = "float32"
 
 

@@ -43,6 +43,7 @@ class SyntheticSpec:
     quality: int = 85
     level_factor: int = 2
     min_level_size: int = 512
+    blank: bool = False  # glass only: no tissue at all
 
 
 # -- design fields ------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def design_fields(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     n, labels, stats, _ = cv2.connectedComponentsWithStats(tissue.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= int(2 * 20000 / DESIGN_MPP**2)
     keep[0] = False
-    tissue = keep[labels]
+    tissue = keep[labels] & (not spec.blank)
     fields = {"tissue": tissue.astype(np.float32)}
 
     tumour = np.zeros((gh, gw), bool)

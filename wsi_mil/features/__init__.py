@@ -1,0 +1,1 @@
+"""Patch features: encoder registry, patch dataset and the extraction engine."""

@@ -1,0 +1,116 @@
+"""Run an encoder over a slide's patches: device choice, AMP, channels_last, and a DataLoader that keeps
+slide decoding in worker processes, behind the model's compute."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import ExtractConfig
+from .dataset import PatchDataset, collate_batch
+from .encoders import Encoder
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from ..errors import WsiMilError
+
+        raise WsiMilError("extract.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device, encoder: Encoder) -> str:
+    if name != "auto":
+        return name
+    return encoder.gpu_precision if device.type == "cuda" else "fp32"
+
+
+def auto_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 32
+
+
+def auto_workers(device: torch.device) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cpu":
+        return 1  # the model needs the cores; one reader overlaps decoding with compute
+    return max(1, min(8, cores - 1))
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+@dataclass
+class Prepared:
+    """An encoder on its device with its normalisation, ready for uint8 NHWC batches."""
+
+    encoder: Encoder
+    device: torch.device
+    precision: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    model: torch.nn.Module
+
+    @classmethod
+    def create(cls, encoder: Encoder, cfg: ExtractConfig) -> Prepared:
+        device = pick_device(cfg.device)
+        precision = pick_precision(cfg.precision, device, encoder)
+        model = encoder.model.to(device).eval()
+        if device.type in ("cuda", "cpu"):
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model = torch.compile(model)
+        mean = torch.tensor(encoder.mean, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(encoder.std, device=device).view(1, 3, 1, 1) * 255
+        return cls(encoder, device, precision, mean, std, model)
+
+    def forward_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on any device -> float32 features (B, D) on the device."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        enabled = self.precision != "fp32"
+        with torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=enabled):
+            return self.model(x).float()
+
+
+def extract_patches(prep: Prepared, dataset: PatchDataset, cfg: ExtractConfig,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, D) in dataset order, and the indices of patches that could not be decoded."""
+    n = len(dataset)
+    feats = np.zeros((n, prep.encoder.dim), np.float32)
+    bad: list[np.ndarray] = []
+    if n == 0:
+        return feats, np.zeros(0, np.int64)
+    batch = cfg.batch_size or auto_batch_size(prep.device)
+    workers = auto_workers(prep.device) if cfg.num_workers < 0 else cfg.num_workers
+    loader = DataLoader(
+        dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_batch,
+        pin_memory=prep.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    with torch.inference_mode(), tqdm(total=n, unit="patch", disable=not progress, leave=False) as bar:
+        for b in loader:
+            idx = b["index"].numpy()
+            feats[idx] = prep.forward_uint8(b["image"]).cpu().numpy()
+            if b["bad"].any():
+                bad.append(idx[b["bad"].numpy()])
+            bar.update(len(idx))
+    return feats, (np.concatenate(bad) if bad else np.zeros(0, np.int64))
