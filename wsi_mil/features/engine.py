@@ -47,8 +47,18 @@ def auto_batch_size(device: torch.device) -> int:
 def auto_workers(device: torch.device) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cpu":
-        return 1  # the model needs the cores; one reader overlaps decoding with compute
+        return min(2, cores)  # measured best on 2 cores (docs/benchmarks.md); decoding is light next to the model
     return max(1, min(8, cores - 1))
+
+
+def worker_context():
+    """DataLoader workers fork from a clean forkserver (torch, cv2, our reader preloaded), never from this
+    process: forking a process whose OpenMP/OpenCV thread pools have run can deadlock the child."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "cv2", "wsi_mil.features.dataset"])
+    return ctx
 
 
 def _worker_init(_):
@@ -105,6 +115,7 @@ def extract_patches(prep: Prepared, dataset: PatchDataset, cfg: ExtractConfig,
         dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_batch,
         pin_memory=prep.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None, persistent_workers=False,
+        multiprocessing_context=worker_context() if workers else None,
     )
     with torch.inference_mode(), tqdm(total=n, unit="patch", disable=not progress, leave=False) as bar:
         for b in loader:

@@ -1,0 +1,1 @@
+"""Multiple-instance learning on cached bags: models, data, splits, training, metrics, checkpoints."""

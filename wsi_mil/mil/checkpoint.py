@@ -1,0 +1,63 @@
+"""Checkpoints as safetensors: weights plus JSON metadata (model config, label map, feature dim, encoder id).
+
+Loading never unpickles anything. Features from another encoder or of another width are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_path
+from ..errors import WsiMilError
+from .models import create_model
+
+
+@dataclass
+class CheckpointMeta:
+    model: dict  # ModelConfig as a dict
+    label_map: dict[str, int]
+    feature_dim: int
+    encoder_id: str
+    fold: int = 0
+    best_epoch: int = 0
+    config: dict | None = None
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"wsi_mil": json.dumps(asdict(meta))})
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    with safe_open(str(path), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("wsi_mil")
+    if raw is None:
+        raise WsiMilError(f"{Path(path).name}: not a wsi_mil checkpoint (no metadata)")
+    return CheckpointMeta(**json.loads(raw))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, CheckpointMeta]:
+    path = Path(path)
+    if not path.is_file():
+        raise WsiMilError(f"checkpoint not found: {path}")
+    meta = read_meta(path)
+    m = meta.model
+    model = create_model(m["name"], meta.feature_dim, len(meta.label_map), m["hidden_dim"], m["attention_dim"],
+                         m["dropout"])
+    model.load_state_dict(load_file(str(path), device=str(device)))
+    return model.to(device).eval(), meta
+
+
+def check_compatible(meta: CheckpointMeta, feature_dim: int, encoder_id: str, where: str) -> None:
+    if feature_dim != meta.feature_dim or encoder_id != meta.encoder_id:
+        raise WsiMilError(
+            f"{where}: features are {feature_dim}-d from encoder '{encoder_id}', but the model was trained on "
+            f"{meta.feature_dim}-d features from '{meta.encoder_id}'; extract with the same encoder"
+        )
