@@ -168,3 +168,16 @@ def test_output_finished_just_before_a_crash_is_recorded_done(tmp_path):
     assert ran == ["s2"] and res.records[0].status == "skipped"
     assert {r["slide_id"]: r["status"] for r in read_manifest(tmp_path / "manifest.csv")} == {
         "s1": "done", "s2": "done"}
+
+
+def _visible_gpu(_item):
+    time.sleep(0.2)  # keep both workers busy so each takes some items
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_one_process_per_gpu_each_pinned_to_its_own_device():
+    from wsi_mil.runner import ProcessExecutor
+
+    ex = ProcessExecutor(0, gpus=[0, 1])
+    seen = [r for _, r in ex.imap(_visible_gpu, list(range(6)), lambda i, why: None)]
+    assert ex.workers == 2 and sorted(set(seen)) == ["0", "1"]

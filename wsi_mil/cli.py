@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dask-address", help="join an existing Dask cluster (tcp://host:port)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         sp.add_argument("-v", "--verbose", action="store_true")
-        if name == "predict":
+        if name in ("predict", "run"):
             sp.add_argument("--model", type=Path, help="a checkpoint file or a run folder (default: models/<run>)")
             sp.add_argument("--features", type=Path, help="folder of feature .h5 files")
             sp.add_argument("--output", type=Path, help="CSV to write (default <out>/predictions/<run>.csv)")

@@ -34,19 +34,40 @@ class SerialExecutor(Executor):
             yield item, fn(item)
 
 
-class ProcessExecutor(Executor):
-    """A local process pool (spawned, so no forked threads or slide handles). Dead workers are retried."""
+def _pin_gpu(queue) -> None:
+    """Pool initializer: give this worker process one GPU before anything initialises CUDA."""
+    import os
 
-    def __init__(self, workers: int, retries: int = 2):
-        self.workers = max(1, workers)
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+
+
+class ProcessExecutor(Executor):
+    """A local process pool (spawned, so no forked threads or slide handles). Dead workers are retried.
+
+    With ``gpus``, there is one worker per GPU and each sees only its own device, so slides are
+    shared out between GPUs and no device is oversubscribed.
+    """
+
+    def __init__(self, workers: int, retries: int = 2, gpus: list[int] | None = None):
+        self.gpus = list(gpus) if gpus else None
+        self.workers = len(self.gpus) if self.gpus else max(1, workers)
         self.retries = retries
+
+    def _pool(self, n: int):
+        ctx = mp.get_context("spawn")
+        if not self.gpus:
+            return ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+        queue = ctx.Manager().Queue()
+        for gpu in self.gpus:
+            queue.put(gpu)
+        return ProcessPoolExecutor(max_workers=len(self.gpus), mp_context=ctx, initializer=_pin_gpu,
+                                   initargs=(queue,))
 
     def imap(self, fn, items, on_lost):
         pending = list(items)
         tries = {id(i): 0 for i in pending}
         while pending:
-            ctx = mp.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=min(self.workers, len(pending)), mp_context=ctx) as pool:
+            with self._pool(min(self.workers, len(pending))) as pool:
                 futures = {pool.submit(fn, item): item for item in pending}
                 pending = []
                 while futures:
@@ -63,11 +84,26 @@ class ProcessExecutor(Executor):
                                 pending.append(item)
 
 
+def local_gpus() -> list[int]:
+    """CUDA device indices on this machine (empty without torch or CUDA)."""
+    try:
+        import torch
+
+        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    except ImportError:
+        return []
+
+
 def make_executor(kind: str, workers: int = 0, retries: int = 2, dask_address: str | None = None,
                   resources: dict | None = None) -> Executor:
+    gpus = local_gpus() if resources and "GPU" in resources else []
+    if kind == "serial" and len(gpus) > 1:
+        kind = "process"  # several GPUs: one process per GPU, slides shared out between them
     if kind == "serial":
         return SerialExecutor()
     if kind == "process":
+        if gpus:
+            return ProcessExecutor(0, retries, gpus=gpus[:workers] if workers else gpus)
         return ProcessExecutor(workers or max(1, mp.cpu_count()), retries)
     if kind == "dask":
         from .dask_executor import DaskExecutor

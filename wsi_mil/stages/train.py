@@ -1,0 +1,136 @@
+"""Stage 3: cross-validated attention MIL on cached bags -> ``models/<run_name>/``.
+
+Outputs: ``fold_<k>.safetensors`` (weights + metadata), ``splits.csv``, ``predictions.csv`` (out-of-fold
+probabilities for every slide), ``history.csv`` + ``curves.png``, ``label_map.json``, ``config.yaml``,
+``summary.json`` (per-fold metrics and mean ± std).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..atomic import atomic_path, write_text
+from ..config import Config, config_to_dict
+from ..errors import WsiMilError
+from ..features.encoders import encoder_id
+from ..mil.checkpoint import CheckpointMeta, save_checkpoint
+from ..mil.data import BagSet, load_bagset
+from ..mil.metrics import classification_metrics, mean_std
+from ..mil.splits import fixed_split, kfold_splits
+from ..mil.train import fit, predict_bags
+
+
+def default_features_dir(out: Path, cfg: Config) -> Path:
+    return Path(cfg.train.features) if cfg.train.features else Path(out) / "features" / encoder_id(cfg.encoder.name)
+
+
+def run_dir(out: Path, cfg: Config, name: str | None = None) -> Path:
+    return Path(out) / "models" / (name or cfg.train.run_name)
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for fold in sorted({h["fold"] for h in history}):
+        rows = [h for h in history if h["fold"] == fold]
+        ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], "-", label=f"fold {fold} train")
+        if any(not math.isnan(r.get("val_loss", math.nan)) for r in rows):
+            ax.plot([r["epoch"] for r in rows], [r.get("val_loss", math.nan) for r in rows], "--",
+                    label=f"fold {fold} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -> dict:
+    """Train every fold, write every output, return the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bags = data.bags
+    y = np.array([b.label for b in bags])
+    groups = np.array([b.patient_id for b in bags])
+    t = cfg.train
+    splits = (fixed_split([b.split for b in bags]) if t.split_column
+              else kfold_splits(y, groups, t.folds, t.val_fraction, t.seed))
+    classes = sorted(data.label_map, key=data.label_map.get)
+    split_rows, history, fold_metrics = [], [], []
+    oof = np.full((len(bags), len(classes)), np.nan)
+    fold_of = np.full(len(bags), -1)
+    for fold, (tr, va, te) in enumerate(splits):
+        for name, idx in (("train", tr), ("val", va), ("test", te)):
+            split_rows += [{"slide_id": bags[i].slide_id, "patient_id": bags[i].patient_id,
+                            "label": classes[bags[i].label], "fold": fold, "split": name} for i in idx]
+        res = fit([bags[i] for i in tr], [bags[i] for i in va], data.feature_dim, len(classes), cfg.model, t,
+                  seed=t.seed + fold, progress=progress)
+        history += [{"fold": fold, **h} for h in res.history]
+        meta = CheckpointMeta(config_to_dict(cfg.model), data.label_map, data.feature_dim, data.encoder_id,
+                              fold, res.best_epoch, config_to_dict(cfg))
+        save_checkpoint(out_dir / f"fold_{fold}.safetensors", res.model, meta)
+        if len(te):
+            probs, _ = predict_bags(res.model, [bags[i] for i in te])
+            oof[te], fold_of[te] = probs, fold
+            fold_metrics.append({"fold": fold, "best_epoch": res.best_epoch,
+                                 **classification_metrics(y[te], probs, classes)})
+    write_text(out_dir / "splits.csv", _csv_text(split_rows))
+    pred_rows = []
+    for i, b in enumerate(bags):
+        row = {"slide_id": b.slide_id, "patient_id": b.patient_id, "label": classes[b.label],
+               "fold": int(fold_of[i])}
+        row.update({f"prob_{c}": ("" if np.isnan(oof[i, k]) else f"{oof[i, k]:.6f}") for k, c in enumerate(classes)})
+        row["pred"] = "" if np.isnan(oof[i]).any() else classes[int(np.nanargmax(oof[i]))]
+        pred_rows.append(row)
+    write_text(out_dir / "predictions.csv", _csv_text(pred_rows))
+    write_text(out_dir / "history.csv", _csv_text(history))
+    _plot_curves(history, out_dir / "curves.png")
+    write_text(out_dir / "label_map.json", json.dumps(data.label_map, indent=1))
+    write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tested = ~np.isnan(oof).any(1)
+    summary = {
+        "run": out_dir.name, "model": cfg.model.name, "encoder_id": data.encoder_id,
+        "feature_dim": data.feature_dim, "classes": classes, "n_slides": len(bags), "n_folds": len(splits),
+        "folds": fold_metrics,
+        "mean_std": mean_std(fold_metrics) if fold_metrics else {},
+        "pooled_out_of_fold": classification_metrics(y[tested], oof[tested], classes) if tested.any() else {},
+        "skipped": {"no_features": data.no_features, "no_label": data.no_label},
+    }
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=1, default=float))
+    return summary
+
+
+def train_command(args, cfg: Config) -> int:
+    if cfg.train.labels is None:
+        raise WsiMilError("train.labels is required: a CSV with slide_id,label[,patient_id] (e.g. train.labels=labels.csv)")
+    data = load_bagset(default_features_dir(args.out, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column)
+    for what, ids in (("labelled slides without features", data.no_features),
+                      ("feature files without a label", data.no_label)):
+        if ids:
+            print(f"skipped {len(ids)} {what}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+    out_dir = run_dir(args.out, cfg)
+    summary = train_cv(data, cfg, out_dir, progress=not args.no_progress)
+    ms = summary["mean_std"].get("auroc")
+    auroc = f"AUROC {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms else "no test folds"
+    print(f"train: {len(data.bags)} slides, {summary['model']} on {data.encoder_id} features; {auroc}; -> {out_dir}")
+    return 0
