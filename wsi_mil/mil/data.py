@@ -117,10 +117,11 @@ def collate(bags: list[Bag], max_instances: int | None = None, generator: torch.
         feats.append(f)
     n_max = max(1, max(len(f) for f in feats))
     dim = bags[0].features.shape[1]
-    x = torch.zeros(len(bags), n_max, dim, dtype=dtype)
+    x = torch.empty(len(bags), n_max, dim, dtype=dtype)  # only the padded tails are zeroed
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
     for i, f in enumerate(feats):
         x[i, :len(f)] = f
+        x[i, len(f):] = 0
         mask[i, :len(f)] = True
     y = torch.tensor([b.label for b in bags], dtype=torch.long)
     return x, mask, y

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +74,7 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
     stale = 0
     epochs = tqdm(range(1, tcfg.epochs + 1), desc="epochs", leave=False, disable=not progress)
     for epoch in epochs:
+        t0 = time.perf_counter()
         model.train()
         order = _order(labels, tcfg.balance, gen, n_classes)
         total, seen = 0.0, 0
@@ -86,7 +88,7 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
             opt.step()
             total += loss.item() * len(batch)
             seen += len(batch)
-        row = {"epoch": epoch, "train_loss": total / max(seen, 1)}
+        row = {"epoch": epoch, "train_loss": total / max(seen, 1), "seconds": time.perf_counter() - t0}
         if val:
             _, row["val_loss"] = predict_bags(model, val, device=device)
         history.append(row)
