@@ -101,7 +101,7 @@ class TrainConfig(Section):
 
 class HeatmapConfig(Section):
     run: str | None = None
-    mpp: float | None = Field(16.0, gt=0)
+    mpp: float | None = Field(8.0, gt=0)
     downsample: float | None = Field(None, gt=0)
     smooth_sigma_um: float = Field(0.0, ge=0)
     cmap: str = "jet"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import tifffile
 
 from .atomic import atomic_path
+from .tiff import write_pyramid
 
 DESIGN_MPP = 8.0
 TEX_SIZE = 1024  # level-0 px per texture cell
@@ -226,47 +226,20 @@ def _tiles(renderer: Renderer, width: int, height: int, ds: int, tile: int):
             yield renderer.region(x, y, tile, tile, ds)
 
 
-def _description(spec: SyntheticSpec, w: int, h: int) -> str:
-    parts = [f"Aperio Image Library v12.0.0 \r\n{spec.width}x{spec.height} [0,0 {w}x{h}] "
-             f"({spec.tile}x{spec.tile}) JPEG/RGB Q={spec.quality}"]
-    if spec.objective_in_metadata:
-        parts.append(f"AppMag = {10.0 / spec.mpp:g}")
-    if spec.mpp_in_metadata:
-        parts.append(f"MPP = {spec.mpp:.6f}")
-    parts.append("Source = wsi_mil synthetic")
-    return "|".join(parts)
-
-
 def write_slide(path: str | Path, spec: SyntheticSpec, truth_dir: str | Path | None = None) -> dict:
     """Write a synthetic slide (atomically) and, optionally, its ground-truth masks. Returns the truth info."""
     path = Path(path)
     renderer = Renderer(spec)
     w0, h0 = spec.width, spec.height
     levels = level_downsamples(spec)
-    big = w0 * h0 * 3 * 1.4 > 2**31
-    jpeg = {"compression": "jpeg", "compressionargs": {"level": spec.quality}}
-
-    def res(ds: float) -> dict:
-        if not spec.resolution_tags:
-            return {}
-        per_cm = 1e4 / (spec.mpp * ds)
-        return {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
-
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=big) as tif:
-        tif.write(_tiles(renderer, w0, h0, 1, spec.tile), shape=(h0, w0, 3), dtype=np.uint8,
-                  tile=(spec.tile, spec.tile), photometric="rgb", description=_description(spec, w0, h0),
-                  subfiletype=0, maxworkers=2, metadata=None, **jpeg, **res(1))
-        tds = max(w0, h0) / 768
-        tw, th = max(1, round(w0 / tds)), max(1, round(h0 / tds))
-        tif.write(renderer.region(0, 0, tw, th, tds), photometric="rgb", rowsperstrip=16,
-                  description=f"Aperio Image Library v12.0.0 \r\n{w0}x{h0} -> {tw}x{th} - thumbnail",
-                  subfiletype=0, metadata=None, **jpeg)
-        for ds in levels[1:]:
-            lw, lh = w0 // ds, h0 // ds
-            tif.write(_tiles(renderer, lw, lh, ds, spec.tile), shape=(lh, lw, 3), dtype=np.uint8,
-                      tile=(spec.tile, spec.tile), photometric="rgb", subfiletype=0, maxworkers=2,
-                      description=f"Aperio Image Library v12.0.0 \r\n{w0}x{h0} -> {lw}x{lh} - ",
-                      metadata=None, **jpeg, **res(ds))
+    tds = max(w0, h0) / 768
+    thumb = renderer.region(0, 0, max(1, round(w0 / tds)), max(1, round(h0 / tds)), tds)
+    description = "|".join(p for p in (
+        f"AppMag = {10.0 / spec.mpp:g}" if spec.objective_in_metadata else "",
+        f"MPP = {spec.mpp:.6f}" if spec.mpp_in_metadata else "",
+        "Source = wsi_mil synthetic") if p)
+    write_pyramid(path, w0, h0, levels, lambda ds, w, h, t: _tiles(renderer, w, h, ds, t), thumb, spec.mpp,
+                  description, spec.tile, spec.quality, spec.resolution_tags)
     info = {"slide_id": path.stem, "width": w0, "height": h0, "mpp": spec.mpp, "design_mpp": DESIGN_MPP,
             "levels": levels, "spec": asdict(spec)}
     if truth_dir is not None:

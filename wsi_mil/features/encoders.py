@@ -219,7 +219,9 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
         source = f"hub:{hub}"
     else:
         try:
-            model = _create(arch, kwargs, pretrained=False)
+            with torch.random.fork_rng(devices=[]):  # random init is reproducible: seed 0, global RNG untouched
+                torch.manual_seed(0)
+                model = _create(arch, kwargs, pretrained=False)
         except RuntimeError as exc:
             raise EncoderError(f"encoder '{cfg.name}': {str(exc).splitlines()[0]}") from None
         source = "random_init"

@@ -20,7 +20,7 @@ class SlideStage:
     output: Callable[[Path, str, Config], Path]  # the one file whose existence means "done"
     folders: Callable[[Path, Config], list[Path]]  # where temp leftovers may be
     gpu: bool = False
-    setup: Callable[[Config], object] | None = None  # run once before the batch (fail fast, one line)
+    setup: Callable[[Config, Path], object] | None = None  # run once before the batch (fail fast, one line)
 
 
 @lru_cache(maxsize=8)
@@ -38,7 +38,7 @@ def run_stage(stage: SlideStage, slides: list[SlideRef], cfg: Config, out: Path,
               progress: bool = True) -> BatchResult:
     out = Path(out)
     if stage.setup is not None:
-        stage.setup(cfg)
+        stage.setup(cfg, out)
     r = cfg.runner
     executor = make_executor(r.executor, r.workers, r.retries, r.dask_address,
                              resources={"GPU": 1} if stage.gpu else None)

@@ -85,5 +85,5 @@ STAGE = SlideStage(
     output=features_path,
     folders=lambda out, cfg: [features_dir(out, cfg)],
     gpu=True,
-    setup=prepared,
+    setup=lambda cfg, out: prepared(cfg),
 )

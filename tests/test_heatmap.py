@@ -1,0 +1,122 @@
+import json
+
+import numpy as np
+import pytest
+import zarr
+from scipy.stats import percentileofscore
+
+from wsi_mil.cli import main
+from wsi_mil.heatmap import export
+from wsi_mil.heatmap.raster import score_raster
+from wsi_mil.heatmap.scores import percentile_rank
+from wsi_mil.slide import SlideReader
+
+
+def test_percentiles_are_right_with_ties():
+    scores = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 0.5, 2.0])
+    got = percentile_rank(scores)
+    expected = [percentileofscore(scores, s, kind="mean") for s in scores]
+    np.testing.assert_allclose(got, expected)
+    assert got[0] == got[2] == got[4]  # tied scores share a percentile
+    ref = np.array([1.0, 2.0, 3.0, 4.0])  # against another reference (refinement)
+    np.testing.assert_allclose(percentile_rank(np.array([2.0, 5.0, 0.0]), ref), [37.5, 100.0, 0.0])
+
+
+@pytest.mark.parametrize("slide_mpp", [0.25, 0.5])
+@pytest.mark.parametrize("raster_mpp", [8.0, 16.0])
+def test_a_patch_lands_on_the_right_raster_pixels(slide_mpp, raster_mpp):
+    size0 = 128 / slide_mpp  # a 128 µm patch
+    ds = raster_mpp / slide_mpp
+    x, y = int(1000 / slide_mpp), int(640 / slide_mpp)  # level-0 px of a point at (1000 µm, 640 µm)
+    w0, h0 = int(4000 / slide_mpp), int(3000 / slide_mpp)
+    r = score_raster(np.array([[x, y]]), np.array([0.7]), size0, w0, h0, ds)
+    assert r.shape == (int(np.ceil(3000 / raster_mpp)), int(np.ceil(4000 / raster_mpp)))
+    ys, xs = np.nonzero(np.isfinite(r))
+    # physical placement: pixel j covers [j*raster_mpp, (j+1)*raster_mpp) µm
+    assert xs.min() == round(1000 / raster_mpp) and xs.max() + 1 == round(1128 / raster_mpp)
+    assert ys.min() == round(640 / raster_mpp) and ys.max() + 1 == round(768 / raster_mpp)
+    assert np.allclose(r[np.isfinite(r)], 0.7)
+
+
+def test_overlapping_patches_average():
+    coords = np.array([[0, 0], [64, 0]])
+    r = score_raster(coords, np.array([1.0, 0.0]), 128, 256, 128, 16)
+    assert r[0, 0] == 1.0 and r[0, 5] == 0.5 and r[0, 9] == 0.0 and np.isnan(r[0, 15])
+
+
+def test_tiff_export_opens_in_both_readers_with_its_mpp(tmp_path):
+    rng = np.random.default_rng(0)
+    raster = rng.random((700, 900)).astype(np.float32)
+    raster[:50] = np.nan
+    path = tmp_path / "h.tiff"
+    export.heatmap_tiff(path, raster, "jet", mpp=8.0, slide_id="s")
+    for backend in ("openslide", "tiffslide"):
+        with SlideReader(path, backend) as r:
+            assert r.dimensions == (900, 700)
+            assert r.level_count >= 2
+            mpp = float(r.properties.get(f"{backend}.mpp-x"))
+            assert mpp == pytest.approx(8.0, rel=1e-3)
+            top = r.read_region((0, 0), 0, (900, 40))
+            assert top.min() > 240  # NaN rows are white
+
+
+def test_geojson_is_valid_for_qupath(tmp_path):
+    coords = np.array([[0, 0], [256, 512], [1000, 744]])
+    path = tmp_path / "p.geojson"
+    export.geojson(path, coords, 256, {"attention": np.array([0.1, -2.0, 3.0]),
+                                       "attention_percentile": np.array([50.0, 16.7, 83.3]),
+                                       "prob_tumour": np.full(3, 0.9)})
+    gj = json.loads(path.read_text())
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 3
+    w0, h0 = 1256, 1000
+    for f, (x, y) in zip(gj["features"], coords):
+        assert f["properties"]["objectType"] == "detection"
+        assert set(f["properties"]["measurements"]) == {"attention", "attention_percentile", "prob_tumour"}
+        ring = f["geometry"]["coordinates"][0]
+        assert ring[0] == ring[-1] and len(ring) == 5
+        assert all(0 <= px <= w0 and 0 <= py <= h0 for px, py in ring)
+        assert ring[0] == [x, y] and ring[2] == [x + 256, y + 256]
+    assert gj["features"][1]["properties"]["measurements"]["attention"] == -2.0
+
+
+def test_ome_zarr_reads_back_with_multiscale_metadata(tmp_path):
+    raster = np.random.default_rng(1).random((300, 520)).astype(np.float32)
+    raster[0, 0] = np.nan
+    path = tmp_path / "s.zarr"
+    export.ome_zarr(path, raster, mpp=8.0, name="s1")
+    root = zarr.open_group(str(path), mode="r")
+    ms = root.attrs["multiscales"][0]
+    assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
+    assert all(a["unit"] == "micrometer" for a in ms["axes"])
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales[0] == [8.0, 8.0] and len(scales) >= 2 and scales[1] == pytest.approx([16.0, 16.0], rel=0.01)
+    level0 = root[ms["datasets"][0]["path"]][:]
+    np.testing.assert_array_equal(level0, raster)
+    assert root[ms["datasets"][1]["path"]].shape == (150, 260)
+
+
+def test_heatmap_stage_end_to_end_with_refinement(cohort, tmp_path):
+    out = tmp_path / "out"
+    slides = ["--slides", str(cohort / "slides")]
+    enc = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0"]
+    common = ["--out", str(out), "--no-progress"]
+    assert main(["tile", *slides, *common]) == 0
+    assert main(["extract", *slides, *common, *enc]) == 0
+    assert main(["train", *common, *enc, f"train.labels={cohort / 'labels.csv'}", "train.folds=2",
+                 "train.epochs=3", "model.hidden_dim=32", "model.attention_dim=16"]) == 0
+    assert main(["heatmap", *slides, *common, *enc, "heatmap.top_k=2"]) == 0
+    folder = out / "heatmaps" / "default" / "syn_001"
+    for name in ("overlay.png", "heatmap.tiff", "patches.geojson", "scores.h5", "summary.json"):
+        assert (folder / name).stat().st_size > 0, name
+    assert (folder / "scores.zarr" / ".zattrs").is_file()
+    assert len(list((folder / "top_k").glob("top_*.png"))) == 2
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["prediction"] in ("normal", "tumour") and summary["n_models"] == 2
+    assert abs(sum(summary["probabilities"].values()) - 1) < 1e-5
+    assert summary["encoder_id"] == "resnet18" and summary["n_refined_patches"] == 0
+    # refinement: a denser grid, only new patches extracted, in a second run folder
+    assert main(["heatmap", *slides, *common, *enc, "heatmap.refine=true", "heatmap.exports=[png]",
+                 "heatmap.top_k=0", "--overwrite"]) == 0
+    refined = json.loads((folder / "summary.json").read_text())
+    assert refined["n_refined_patches"] > refined["n_patches"]  # overlap 0.5 roughly quadruples the grid
+    assert refined["probabilities"] == summary["probabilities"]  # the bag prediction uses the base grid

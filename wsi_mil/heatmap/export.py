@@ -1,0 +1,132 @@
+"""Exports a pathologist can open: overlay PNG, pyramidal TIFF, QuPath GeoJSON, OME-Zarr, top/bottom-k."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..atomic import atomic_path, write_text
+from ..qc import write_png
+from ..tiff import iter_tiles, write_pyramid
+from .raster import colorize
+
+
+def overlay_png(path: Path, thumb: np.ndarray, raster: np.ndarray, cmap: str, alpha: float, title: str) -> None:
+    """Thumbnail blended with the colormap on tissue only, plus a colorbar and a title line."""
+    h, w = raster.shape
+    if thumb.shape[:2] != (h, w):
+        thumb = cv2.resize(thumb, (w, h), interpolation=cv2.INTER_AREA)
+    scale = max(1.0, 800 / max(h, w))  # small slides: upscale so the text and bar stay legible
+    if scale > 1:
+        size = (round(w * scale), round(h * scale))
+        thumb = cv2.resize(thumb, size, interpolation=cv2.INTER_LINEAR)
+        raster = cv2.resize(raster, size, interpolation=cv2.INTER_NEAREST)
+        h, w = raster.shape
+    colour = colorize(raster, cmap)
+    on = np.isfinite(raster)[..., None]
+    img = np.where(on, (thumb * (1 - alpha) + colour * alpha), thumb).astype(np.uint8)
+    bar_w, pad, head = max(16, w // 40), max(8, w // 100), max(28, h // 25)
+    canvas = np.full((h + head, w + bar_w * 4 + pad, 3), 255, np.uint8)
+    canvas[head:, :w] = img
+    ramp = colorize(np.linspace(1, 0, h)[:, None].repeat(bar_w, 1).astype(np.float32), cmap)
+    canvas[head:, w + pad:w + pad + bar_w] = ramp
+    font, fs = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, head / 45)
+    for frac, label in ((0.0, "1.0"), (0.5, "0.5"), (1.0, "0.0")):
+        y = head + int(frac * (h - 1))
+        cv2.putText(canvas, label, (w + pad + bar_w + 4, min(h + head - 4, max(head + 12, y + 5))), font, fs * 0.8,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(canvas, title, (6, int(head * 0.7)), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    write_png(path, canvas)
+
+
+def heatmap_tiff(path: Path, raster: np.ndarray, cmap: str, mpp: float, slide_id: str) -> None:
+    """Coloured heatmap as a pyramidal tiled TIFF; pixel (i, j) is level-0 (j, i) * ds, with its mpp."""
+    rgb = colorize(raster, cmap)
+    h, w = rgb.shape[:2]
+    levels = [1]
+    while max(w, h) // (levels[-1] * 2) >= 256:
+        levels.append(levels[-1] * 2)
+
+    def tiles(ds: int, lw: int, lh: int, tile: int):
+        level = rgb if ds == 1 else cv2.resize(rgb, (lw, lh), interpolation=cv2.INTER_AREA)
+        return iter_tiles(level, tile)
+
+    f = min(1.0, 512 / max(w, h))
+    thumb = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    write_pyramid(path, w, h, levels, tiles, thumb, mpp, f"MPP = {mpp:.6f}|Source = wsi_mil heatmap {slide_id}",
+                  tile=256, quality=90)
+
+
+def geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict[str, np.ndarray]) -> None:
+    """One QuPath detection per patch (closed square in level-0 px) with its measurements."""
+    names = list(measurements)
+    cols = np.stack([np.asarray(measurements[n], np.float64) for n in names], 1) if names else np.zeros((len(coords), 0))
+    s = int(size0)
+    parts = []
+    for (x, y), vals in zip(coords.tolist(), cols.tolist()):
+        m = ",".join(f'"{n}":{(v if math.isfinite(v) else 0.0):.6g}' for n, v in zip(names, vals))
+        ring = f"[[{x},{y}],[{x + s},{y}],[{x + s},{y + s}],[{x},{y + s}],[{x},{y}]]"
+        parts.append(f'{{"type":"Feature","geometry":{{"type":"Polygon","coordinates":[{ring}]}},'
+                     f'"properties":{{"objectType":"detection","measurements":{{{m}}}}}}}')
+    write_text(path, '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}")
+
+
+def _nanmean_down(a: np.ndarray) -> np.ndarray:
+    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    blocks = a[:h, :w].reshape(h // 2, 2, w // 2, 2)
+    valid = np.isfinite(blocks)
+    total = np.where(valid, blocks, 0).sum((1, 3))
+    n = valid.sum((1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / np.maximum(n, 1), np.nan).astype(np.float32)
+
+
+def ome_zarr(path: Path, raster: np.ndarray, mpp: float, name: str, min_size: int = 64) -> None:
+    """The score raster as an OME-NGFF 0.4 multiscale image (y, x in micrometres), NaN where no score."""
+    import zarr
+
+    levels = [raster.astype(np.float32)]
+    while min(levels[-1].shape) // 2 >= min_size:
+        levels.append(_nanmean_down(levels[-1]))
+    with atomic_path(path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        datasets = []
+        for i, level in enumerate(levels):
+            chunks = (min(512, level.shape[0]), min(512, level.shape[1]))
+            arr = root.create_array(str(i), shape=level.shape, chunks=chunks, dtype="float32", fill_value=np.nan)
+            arr[:] = level
+            f = mpp * (raster.shape[1] / level.shape[1])
+            datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [f, f]}]})
+        root.attrs["multiscales"] = [{
+            "version": "0.4", "name": name, "type": "mean",
+            "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                     {"name": "x", "type": "space", "unit": "micrometer"}],
+            "datasets": datasets,
+        }]
+        root.attrs["wsi_mil"] = {"values": "attention percentile / 100", "nan": "no patch or outside tissue"}
+
+
+def extreme_patches(folder: Path, reader, coords: np.ndarray, scores: np.ndarray, level: int, size: int,
+                    k: int) -> list[dict]:
+    """Top-k and bottom-k patches (by score) as PNGs named with rank, score and level-0 position."""
+    if k <= 0 or len(coords) == 0:
+        return []
+    order = np.argsort(-scores, kind="stable")
+    picks = [("top", i, idx) for i, idx in enumerate(order[:k])]
+    picks += [("bottom", i, idx) for i, idx in enumerate(order[::-1][:k])]
+    out = []
+    for kind, rank, idx in picks:
+        x, y = (int(v) for v in coords[idx])
+        name = f"{kind}_{rank + 1:02d}_score{scores[idx]:.1f}_x{x}_y{y}.png"
+        write_png(folder / name, reader.read_region((x, y), level, (size, size)))
+        out.append({"kind": kind, "rank": rank + 1, "index": int(idx), "x": x, "y": y,
+                    "score": float(scores[idx]), "file": name})
+    return out
+
+
+def summary_json(path: Path, summary: dict) -> None:
+    write_text(path, json.dumps(summary, indent=1, default=float))
