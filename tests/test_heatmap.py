@@ -7,7 +7,7 @@ from scipy.stats import percentileofscore
 
 from wsi_mil.cli import main
 from wsi_mil.heatmap import export
-from wsi_mil.heatmap.raster import score_raster
+from wsi_mil.heatmap.raster import colorize, score_raster
 from wsi_mil.heatmap.scores import percentile_rank
 from wsi_mil.slide import SlideReader
 
@@ -49,7 +49,7 @@ def test_tiff_export_opens_in_both_readers_with_its_mpp(tmp_path):
     raster = rng.random((700, 900)).astype(np.float32)
     raster[:50] = np.nan
     path = tmp_path / "h.tiff"
-    export.heatmap_tiff(path, raster, "jet", mpp=8.0, slide_id="s")
+    export.heatmap_tiff(path, colorize(raster, "jet"), mpp=8.0, slide_id="s")
     for backend in ("openslide", "tiffslide"):
         with SlideReader(path, backend) as r:
             assert r.dimensions == (900, 700)

@@ -107,6 +107,7 @@ class HeatmapConfig(Section):
     cmap: str = "jet"
     alpha: float = Field(0.5, ge=0, le=1)
     top_k: int = Field(8, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     refine: bool = False
     refine_overlap: float = Field(0.5, gt=0, lt=1)
     exports: list[Literal["png", "tiff", "geojson", "zarr", "patches"]] = Field(

@@ -59,5 +59,5 @@ def write_png(path, rgb: np.ndarray) -> None:
 
     img = rgb[..., ::-1] if rgb.ndim == 3 else rgb
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(img)):
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(img), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise OSError(f"could not write {path}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import cv2
@@ -14,21 +13,26 @@ from ..qc import write_png
 from ..tiff import iter_tiles, write_pyramid
 from .raster import colorize
 
+OVERLAY_MAX_SIDE = 2048
 
-def overlay_png(path: Path, thumb: np.ndarray, raster: np.ndarray, cmap: str, alpha: float, title: str) -> None:
-    """Thumbnail blended with the colormap on tissue only, plus a colorbar and a title line."""
+
+def overlay_png(path: Path, thumb: np.ndarray, raster: np.ndarray, colour: np.ndarray, cmap: str, alpha: float,
+                title: str) -> None:
+    """Thumbnail blended with the coloured raster (``colour``) on tissue only, plus a colorbar and a title."""
     h, w = raster.shape
     if thumb.shape[:2] != (h, w):
         thumb = cv2.resize(thumb, (w, h), interpolation=cv2.INTER_AREA)
-    scale = max(1.0, 800 / max(h, w))  # small slides: upscale so the text and bar stay legible
-    if scale > 1:
+    # small slides are upscaled so text and bar stay legible; large ones capped (full detail: TIFF / zarr)
+    scale = min(max(1.0, 800 / max(h, w)), OVERLAY_MAX_SIDE / max(h, w))
+    if scale != 1:
         size = (round(w * scale), round(h * scale))
-        thumb = cv2.resize(thumb, size, interpolation=cv2.INTER_LINEAR)
+        thumb = cv2.resize(thumb, size, interpolation=cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA)
         raster = cv2.resize(raster, size, interpolation=cv2.INTER_NEAREST)
+        colour = cv2.resize(colour, size, interpolation=cv2.INTER_NEAREST)
         h, w = raster.shape
-    colour = colorize(raster, cmap)
-    on = np.isfinite(raster)[..., None]
-    img = np.where(on, (thumb * (1 - alpha) + colour * alpha), thumb).astype(np.uint8)
+    img = thumb.copy()
+    blend = cv2.addWeighted(thumb, 1 - alpha, colour, alpha, 0)
+    cv2.copyTo(blend, np.isfinite(raster).astype(np.uint8), img)
     bar_w, pad, head = max(16, w // 40), max(8, w // 100), max(28, h // 25)
     canvas = np.full((h + head, w + bar_w * 4 + pad, 3), 255, np.uint8)
     canvas[head:, :w] = img
@@ -43,9 +47,8 @@ def overlay_png(path: Path, thumb: np.ndarray, raster: np.ndarray, cmap: str, al
     write_png(path, canvas)
 
 
-def heatmap_tiff(path: Path, raster: np.ndarray, cmap: str, mpp: float, slide_id: str) -> None:
+def heatmap_tiff(path: Path, rgb: np.ndarray, mpp: float, slide_id: str) -> None:
     """Coloured heatmap as a pyramidal tiled TIFF; pixel (i, j) is level-0 (j, i) * ds, with its mpp."""
-    rgb = colorize(raster, cmap)
     h, w = rgb.shape[:2]
     levels = [1]
     while max(w, h) // (levels[-1] * 2) >= 256:
@@ -64,25 +67,27 @@ def heatmap_tiff(path: Path, raster: np.ndarray, cmap: str, mpp: float, slide_id
 def geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict[str, np.ndarray]) -> None:
     """One QuPath detection per patch (closed square in level-0 px) with its measurements."""
     names = list(measurements)
-    cols = np.stack([np.asarray(measurements[n], np.float64) for n in names], 1) if names else np.zeros((len(coords), 0))
+    n = len(coords)
+    x, y = coords[:, 0].astype(np.int64), coords[:, 1].astype(np.int64)
     s = int(size0)
-    parts = []
-    for (x, y), vals in zip(coords.tolist(), cols.tolist()):
-        m = ",".join(f'"{n}":{(v if math.isfinite(v) else 0.0):.6g}' for n, v in zip(names, vals))
-        ring = f"[[{x},{y}],[{x + s},{y}],[{x + s},{y + s}],[{x},{y + s}],[{x},{y}]]"
-        parts.append(f'{{"type":"Feature","geometry":{{"type":"Polygon","coordinates":[{ring}]}},'
-                     f'"properties":{{"objectType":"detection","measurements":{{{m}}}}}}}')
-    write_text(path, '{"type":"FeatureCollection","features":[' + ",".join(parts) + "]}")
+    ring = np.stack([x, y, x + s, y, x + s, y + s, x, y + s, x, y], 1)
+    vals = [np.nan_to_num(np.asarray(measurements[k], np.float64), nan=0.0, posinf=0.0, neginf=0.0) for k in names]
+    table = np.concatenate([ring.astype(object), np.stack(vals, 1).astype(object)], 1) if names else ring
+    meas = ",".join(f'"{k}":%.6g' for k in names)
+    fmt = ('{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[%d,%d],[%d,%d],[%d,%d],[%d,%d],[%d,%d]]]},'
+           '"properties":{"objectType":"detection","measurements":{' + meas + "}}}")
+    body = ",".join([fmt] * n) % tuple(table.ravel().tolist()) if n else ""  # one C-level format call
+    write_text(path, '{"type":"FeatureCollection","features":[' + body + "]}")
 
 
 def _nanmean_down(a: np.ndarray) -> np.ndarray:
-    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    blocks = a[:h, :w].reshape(h // 2, 2, w // 2, 2)
-    valid = np.isfinite(blocks)
-    total = np.where(valid, blocks, 0).sum((1, 3))
-    n = valid.sum((1, 3))
+    """Halve a raster, averaging the finite values of each 2x2 block (NaN where none is finite)."""
+    h, w = a.shape[0] // 2, a.shape[1] // 2
+    valid = np.isfinite(a).astype(np.float32)
+    total = cv2.resize(np.where(valid > 0, a, 0).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    n = cv2.resize(valid, (w, h), interpolation=cv2.INTER_AREA)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, total / np.maximum(n, 1), np.nan).astype(np.float32)
+        return np.where(n > 0, total / np.maximum(n, 1e-6), np.nan).astype(np.float32)
 
 
 def ome_zarr(path: Path, raster: np.ndarray, mpp: float, name: str, min_size: int = 64) -> None:

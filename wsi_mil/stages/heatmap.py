@@ -7,6 +7,7 @@ top_k/ patches, and summary.json (written last: its existence marks the slide do
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -17,12 +18,12 @@ from ..config import Config, config_to_dict
 from ..errors import WsiMilError
 from ..h5io import write_h5
 from ..heatmap import export
-from ..heatmap.raster import clip_to_tissue, raster_downsample, score_raster, smooth
+from ..heatmap.raster import clip_to_tissue, colorize, raster_downsample, score_raster, smooth
 from ..heatmap.scores import percentile_rank, softmax
 from ..mil.checkpoint import check_compatible
 from ..slide import SlideRef
 from .base import SlideStage, open_configured
-from .predict import Ensemble
+from .predict import Ensemble, native_bf16
 
 _ENSEMBLES: dict[str, Ensemble] = {}
 
@@ -98,7 +99,7 @@ def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attr
     prep = prepared(cfg)
     feats, _ = extract_patches(prep, patch_dataset(slide.path, new, attrs, prep.encoder.input_size,
                                                    cfg.extract.read_group), cfg.extract)
-    _, att = ens(torch.from_numpy(feats))
+    _, att = ens(torch.from_numpy(feats), cfg.heatmap.precision if cfg.heatmap.precision != "auto" else "fp32")
     return new, percentile_rank(att, base_scores)
 
 
@@ -108,7 +109,8 @@ def heatmap_slide(slide: SlideRef, cfg: Config, out: Path) -> str:
     feats, coords, attrs = _load_features(out, slide.slide_id, ens)
     if len(coords) == 0:
         raise WsiMilError(f"{slide.slide_id}: 0 patches, nothing to map")
-    probs, att = ens(feats)
+    precision = h.precision if h.precision != "auto" else ("bf16" if native_bf16() else "fp32")
+    probs, att = ens(feats, precision)
     attention = softmax(att)
     pct = percentile_rank(att)
     pred = ens.classes[int(np.argmax(probs))]
@@ -128,31 +130,42 @@ def heatmap_slide(slide: SlideRef, cfg: Config, out: Path) -> str:
              {"coords": coords, "attention_logits": att.astype(np.float32), "attention": attention.astype(np.float32),
               "attention_percentile": pct.astype(np.float32)},
              {"coords": attrs, "/": {"slide_id": slide.slide_id, "run": run_name(cfg)}})
-    with open_configured(slide, cfg) as reader:
+    colour = colorize(raster, h.cmap)
+    top: list[dict] = []
+    with open_configured(slide, cfg) as reader, ThreadPoolExecutor(2) as pool:
+        # exports are independent and mostly encode outside the GIL: two threads overlap them
+        jobs = []
         if "png" in h.exports:
-            thumb, _ = reader.read_at_mpp(slide_mpp * ds)
-            title = f"{slide.slide_id}  pred: {pred} ({probs.max():.2f})"
-            export.overlay_png(folder / "overlay.png", thumb, raster, h.cmap, h.alpha, title)
-        top = []
+            def overlay():
+                thumb, _ = reader.read_at_mpp(slide_mpp * ds)
+                title = f"{slide.slide_id}  pred: {pred} ({probs.max():.2f})"
+                export.overlay_png(folder / "overlay.png", thumb, raster, colour, h.cmap, h.alpha, title)
+            jobs.append(pool.submit(overlay))
         if "patches" in h.exports:
-            level = int(attrs["patch_level"])
-            top = export.extreme_patches(folder / "top_k", reader, coords, pct, level,
-                                         int(attrs["patch_size_level"]), h.top_k)
-    if "tiff" in h.exports:
-        export.heatmap_tiff(folder / "heatmap.tiff", raster, h.cmap, slide_mpp * ds, slide.slide_id)
-    if "geojson" in h.exports:
-        measurements = {"attention": att, "attention_percentile": pct}
-        measurements.update({f"prob_{c}": np.full(len(coords), p) for c, p in zip(ens.classes, probs)})
-        export.geojson(folder / "patches.geojson", coords, int(round(size0)), measurements)
-    if "zarr" in h.exports:
-        export.ome_zarr(folder / "scores.zarr", raster, slide_mpp * ds, slide.slide_id)
+            jobs.append(pool.submit(export.extreme_patches, folder / "top_k", reader, coords, pct,
+                                    int(attrs["patch_level"]), int(attrs["patch_size_level"]), h.top_k))
+        if "tiff" in h.exports:
+            jobs.append(pool.submit(export.heatmap_tiff, folder / "heatmap.tiff", colour, slide_mpp * ds,
+                                    slide.slide_id))
+        if "geojson" in h.exports:
+            measurements = {"attention": att, "attention_percentile": pct}
+            measurements.update({f"prob_{c}": np.full(len(coords), p) for c, p in zip(ens.classes, probs)})
+            jobs.append(pool.submit(export.geojson, folder / "patches.geojson", coords, int(round(size0)),
+                                    measurements))
+        if "zarr" in h.exports:
+            jobs.append(pool.submit(export.ome_zarr, folder / "scores.zarr", raster, slide_mpp * ds, slide.slide_id))
+        for job in jobs:
+            result = job.result()  # re-raises an export's error
+            if isinstance(result, list):
+                top = result
     export.summary_json(summary_path(out, slide.slide_id, cfg), {
         "slide_id": slide.slide_id, "prediction": pred,
         "probabilities": dict(zip(ens.classes, map(float, probs))),
         "run": run_name(cfg), "model": ens.meta.model["name"], "n_models": len(ens.models),
         "encoder_id": ens.meta.encoder_id, "n_patches": int(len(coords)),
         "n_refined_patches": int(len(all_coords) - len(coords)), "raster_mpp": slide_mpp * ds,
-        "raster_downsample": ds, "raster_shape": list(raster.shape), "heatmap": config_to_dict(h),
+        "raster_downsample": ds, "raster_shape": list(raster.shape), "precision": precision,
+        "heatmap": config_to_dict(h),
         "top_k": top,
     })
     return f"{pred} ({probs.max():.2f}), {len(coords)} patches"

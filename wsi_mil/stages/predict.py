@@ -39,16 +39,25 @@ class Ensemble:
         self.classes = sorted(self.meta.label_map, key=self.meta.label_map.get)
 
     @torch.no_grad()
-    def __call__(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, features: torch.Tensor, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
         """Mean class probabilities (C,) and mean per-instance attention logits (N,) for one bag."""
         x = features.float()[None]
         mask = torch.ones(1, len(features), dtype=torch.bool)
         probs, atts = [], []
-        for model in self.models:
-            logits, att = model(x, mask)
-            probs.append(torch.softmax(logits, 1)[0])
-            atts.append(att[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for model in self.models:
+                logits, att = model(x, mask)
+                probs.append(torch.softmax(logits.float(), 1)[0])
+                atts.append(att[0].float())
         return torch.stack(probs).mean(0).numpy(), torch.stack(atts).mean(0).numpy()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX), where bf16 inference is faster."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def predict_files(ensemble: Ensemble, files: list[Path]) -> list[dict]:
