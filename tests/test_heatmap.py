@@ -120,3 +120,26 @@ def test_heatmap_stage_end_to_end_with_refinement(cohort, tmp_path):
     refined = json.loads((folder / "summary.json").read_text())
     assert refined["n_refined_patches"] > refined["n_patches"]  # overlap 0.5 roughly quadruples the grid
     assert refined["probabilities"] == summary["probabilities"]  # the bag prediction uses the base grid
+
+
+def test_run_takes_new_slides_through_tile_extract_predict_heatmap(cohort, tmp_path):
+    import csv
+    import shutil
+
+    out = tmp_path / "trained"
+    enc = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0"]
+    assert main(["tile", "--slides", str(cohort / "slides"), "--out", str(out), "--no-progress"]) == 0
+    assert main(["extract", "--slides", str(cohort / "slides"), "--out", str(out), "--no-progress", *enc]) == 0
+    assert main(["train", "--out", str(out), "--no-progress", *enc, f"train.labels={cohort / 'labels.csv'}",
+                 "train.folds=2", "train.epochs=2", "model.hidden_dim=16", "model.attention_dim=8"]) == 0
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(cohort / "slides" / "syn_003.svs", new / "case_a.svs")
+    deploy = tmp_path / "deploy"
+    assert main(["run", "--slides", str(new), "--out", str(deploy), "--model", str(out / "models" / "default"),
+                 "--no-progress", *enc]) == 0
+    with (deploy / "predictions" / "default.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["slide_id"] for r in rows] == ["case_a"] and rows[0]["pred"] in ("normal", "tumour")
+    assert (deploy / "heatmaps" / "default" / "case_a" / "summary.json").is_file()
+    assert (deploy / "patches" / "case_a.h5").is_file() and (deploy / "features" / "resnet18" / "case_a.h5").is_file()

@@ -28,15 +28,21 @@ from .predict import Ensemble, native_bf16
 _ENSEMBLES: dict[str, Ensemble] = {}
 
 
+def run_path(out: Path, cfg: Config) -> Path:
+    """``heatmap.run`` as a run name under ``models/``, or a path to a run folder or checkpoint."""
+    run = cfg.heatmap.run or cfg.train.run_name
+    return Path(run) if ("/" in run or Path(run).suffix == ".safetensors") else Path(out) / "models" / run
+
+
 def run_name(cfg: Config) -> str:
-    return cfg.heatmap.run or cfg.train.run_name
+    return Path(cfg.heatmap.run or cfg.train.run_name).stem
 
 
 def ensemble(out: Path, cfg: Config) -> Ensemble:
     """The run's fold models, loaded once per process (reloaded if the checkpoints change)."""
     from .predict import checkpoint_files
 
-    path = Path(out) / "models" / run_name(cfg)
+    path = run_path(out, cfg)
     files = checkpoint_files(path)
     key = str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files])
     if key not in _ENSEMBLES:

@@ -110,4 +110,5 @@ def run_command(args, cfg: Config) -> int:
         train_command(args, cfg)
     args.model = model
     predict_command(args, cfg)
+    cfg = cfg.model_copy(update={"heatmap": cfg.heatmap.model_copy(update={"run": str(Path(model).resolve())})})
     return run_slide_stage("heatmap", args, cfg)
