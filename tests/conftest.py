@@ -36,5 +36,18 @@ def slide_factory(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def slide_folder(tmp_path_factory):
+    """``slide_folder(name, n, seed0, **spec)``: a folder of ``n`` synthetic slides ``<name><i>.svs``."""
+
+    def make(name: str, n: int, seed0: int, **spec) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        for i in range(n):
+            write_slide(root / f"{name}{i}.svs", SyntheticSpec(seed=seed0 + i, **spec))
+        return root
+
+    return make
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))

@@ -81,11 +81,8 @@ def _cli(stage: str, slides: Path, out: Path, extra=()) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fault_slides(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault")
-    for i in range(6):
-        write_slide(root / f"f{i}.svs", SyntheticSpec(width=3072, height=2048, mpp=0.5, seed=200 + i))
-    return root
+def fault_slides(slide_folder):
+    return slide_folder("f", 6, 200, width=3072, height=2048, mpp=0.5)
 
 
 @pytest.mark.parametrize("stage, seed", [("tile", 1), ("extract", 2)])

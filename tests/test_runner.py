@@ -14,7 +14,6 @@ from wsi_mil.atomic import HOST, atomic_path, clean_stale_temps
 from wsi_mil.cli import main
 from wsi_mil.runner import SlideLock, read_manifest, run_batch
 from wsi_mil.slide import SlideRef
-from wsi_mil.synthetic import SyntheticSpec, write_slide
 
 
 def _rows(out: Path) -> dict:
@@ -116,11 +115,8 @@ def test_locked_slide_is_skipped_not_run_twice(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def kill_slides(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
-    for i in range(8):
-        write_slide(root / f"k{i}.svs", SyntheticSpec(width=6144, height=5120, mpp=0.25, seed=100 + i))
-    return root
+def kill_slides(slide_folder):
+    return slide_folder("k", 8, 100, width=6144, height=5120, mpp=0.25)
 
 
 def _tile_cmd(slides: Path, out: Path) -> list[str]:

@@ -39,3 +39,21 @@ def digits_bags(n_train: int = 200, n_test: int = 100, mean_size: int = 10, std_
     train, _ = make(n_train, pools[0], 0)
     test, test_inst = make(n_test, pools[1], n_train)
     return train, test, test_inst
+
+
+def evaluate(model, test: list[Bag], instance_labels: list[np.ndarray]) -> tuple[float, float]:
+    """(bag AUROC, attention instance AUROC over the positive test bags) of a trained model."""
+    from sklearn.metrics import roc_auc_score
+
+    from .train import predict_bags
+
+    probs, _ = predict_bags(model, test)
+    bag_auc = float(roc_auc_score([b.label for b in test], probs[:, 1]))
+    scores, truth = [], []
+    with torch.no_grad():
+        for bag, labels in zip(test, instance_labels):
+            if bag.label == 1:
+                _, att = model(bag.features[None], torch.ones(1, len(bag.features), dtype=torch.bool))
+                scores += att[0].tolist()
+                truth += labels.tolist()
+    return bag_auc, float(roc_auc_score(truth, scores))
