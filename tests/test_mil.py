@@ -179,3 +179,28 @@ def test_fixed_split_from_a_csv_column(feature_cohort, tmp_path):
     with (out / "models" / "default" / "splits.csv").open() as fh:
         got = {r["slide_id"]: r["split"] for r in csv.DictReader(fh)}
     assert got == {r["slide_id"]: r["set"] for r in rows}
+
+
+def test_three_classes_train_with_macro_ovr_metrics(tmp_path):
+    rng = np.random.default_rng(3)
+    feats = tmp_path / "feats"
+    rows = []
+    for i in range(24):
+        label = ["a", "b", "c"][i % 3]
+        f = rng.normal(0, 1, (15, 8))
+        f[:4, i % 3] += 3.0  # a few instances carry the class signal
+        _write_features(feats, f"m{i:02d}", f)
+        rows.append(f"m{i:02d},{label},Q{i // 3}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label,patient_id\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["train", "--out", str(out), "--no-progress", f"train.labels={labels}", f"train.features={feats}",
+                 "train.folds=3", "train.epochs=25", "train.lr=0.005", "model.hidden_dim=16",
+                 "model.attention_dim=8", "model.name=abmil"]) == 0
+    summary = json.loads((out / "models" / "default" / "summary.json").read_text())
+    assert summary["classes"] == ["a", "b", "c"]
+    assert set(summary["folds"][0]["per_class"]) == {"a", "b", "c"}
+    assert summary["pooled_out_of_fold"]["auroc"] > 0.8
+    with (out / "models" / "default" / "predictions.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert abs(sum(float(row[f"prob_{c}"]) for c in "abc") - 1) < 1e-4
