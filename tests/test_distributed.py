@@ -60,7 +60,7 @@ from wsi_mil.runner import run_batch
 from wsi_mil.slide import SlideRef
 from wsi_mil.testing import FaultyTask
 out = Path(sys.argv[1])
-fn = FaultyTask(out, log=out / "starts.log", sleep=0.15)
+fn = FaultyTask(out, log=out / "starts.log", sleep=0.3)
 run_batch("conc", [SlideRef(f"s{i}", out) for i in range(12)], fn, fn.output, out, progress=False)
 """
 
