@@ -1,7 +1,7 @@
 """Start Dask workers as SLURM jobs (dask-jobqueue) and keep them up; print the scheduler address.
 
     pip install 'wsi_mil[distributed,slurm]'
-    python pipelines/slurm_cluster.py --jobqueue configs/dask-jobqueue.yaml --jobs 4
+    python pipelines/slurm_cluster.py --jobqueue configs/dask/jobqueue.yaml --jobs 4
     wsi-mil extract --slides ... --out ... --config configs/slurm.yaml --dask-address tcp://HOST:PORT
 """
 
@@ -17,7 +17,7 @@ import yaml
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--jobqueue", type=Path, default=Path("configs/dask-jobqueue.yaml"))
+    ap.add_argument("--jobqueue", type=Path, default=Path("configs/dask/jobqueue.yaml"))
     ap.add_argument("--jobs", type=int, default=2, help="SLURM jobs (= Dask workers) to start")
     args = ap.parse_args()
     try:
