@@ -79,7 +79,7 @@ def _tissue_mask(out: Path, slide_id: str) -> np.ndarray | None:
 
 
 def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attrs: dict, base_scores: np.ndarray,
-           mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+           mask: np.ndarray | None, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """Extra patches on a denser grid (only the new ones are extracted, with the same encoder), scored by the
     attention branch alone, as percentiles against the base grid's scores."""
     from ..features.encoders import encoder_id
@@ -105,7 +105,7 @@ def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attr
     prep = prepared(cfg)
     feats, _ = extract_patches(prep, patch_dataset(slide.path, new, attrs, prep.encoder.input_size,
                                                    cfg.extract.read_group), cfg.extract)
-    _, att = ens(torch.from_numpy(feats), cfg.heatmap.precision if cfg.heatmap.precision != "auto" else "fp32")
+    _, att = ens(torch.from_numpy(feats), precision)  # same precision as the base grid it is ranked against
     return new, percentile_rank(att, base_scores)
 
 
@@ -125,7 +125,7 @@ def heatmap_slide(slide: SlideRef, cfg: Config, out: Path) -> str:
     size0 = float(attrs["patch_size_level0"])
     all_coords, all_pct = coords, pct
     if h.refine:
-        new, new_pct = refine(slide, cfg, ens, coords, attrs, att, mask)
+        new, new_pct = refine(slide, cfg, ens, coords, attrs, att, mask, precision)
         all_coords, all_pct = np.concatenate([coords, new]), np.concatenate([pct, new_pct])
     w0, h0 = int(attrs["level0_width"]), int(attrs["level0_height"])
     slide_mpp = float(attrs["slide_mpp"])
