@@ -132,6 +132,19 @@ def test_corrupt_inputs_are_recorded_and_the_rest_complete(cohort, tmp_path):
         assert r["status"] == "failed" and r["reason"] and "\n" not in r["reason"], sid
     assert rows[("glass", "tile")]["reason"] == "no tissue found: 0 patches"
     assert rows[("glass", "extract")]["reason"] == "0 patches: empty bag written"
+    # and a model applied to the batch maps the slides with tissue and notes the empty one
+    from wsi_mil.mil.checkpoint import CheckpointMeta, save_checkpoint
+    from wsi_mil.mil.models import create_model
+
+    save_checkpoint(out / "models" / "default" / "fold_0.safetensors", create_model("abmil_gated", 512, 2),
+                    CheckpointMeta({"name": "abmil_gated", "hidden_dim": 256, "attention_dim": 128, "dropout": 0.25},
+                                   {"normal": 0, "tumour": 1}, 512, "resnet18"))
+    assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *EXTRACT,
+                 "heatmap.exports=[png]", "heatmap.top_k=0"]) == 1
+    rows = _status(out)
+    assert rows[("glass", "heatmap")]["status"] == "done"
+    assert rows[("glass", "heatmap")]["reason"] == "0 patches: nothing to map"
+    assert rows[("zero", "heatmap")]["status"] == "failed"
     for p in cohort.glob("slides/*.svs"):
         assert rows[(p.stem, "tile")]["status"] == "done" and rows[(p.stem, "extract")]["status"] == "done"
     with (out / "manifest.csv").open() as fh:

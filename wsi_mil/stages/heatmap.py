@@ -113,10 +113,13 @@ def heatmap_slide(slide: SlideRef, cfg: Config, out: Path) -> str:
     h = cfg.heatmap
     ens = ensemble(out, cfg)
     feats, coords, attrs = _load_features(out, slide.slide_id, ens)
-    if len(coords) == 0:
-        raise WsiMilError(f"{slide.slide_id}: 0 patches, nothing to map")
     precision = h.precision if h.precision != "auto" else ("bf16" if native_bf16() else "fp32")
     probs, att = ens(feats, precision)
+    if len(coords) == 0:  # glass only: a prediction on the empty bag is all there is
+        export.summary_json(summary_path(out, slide.slide_id, cfg), {
+            "slide_id": slide.slide_id, "prediction": None, "n_patches": 0, "run": run_name(cfg),
+            "note": "0 patches (no tissue): nothing to map"})
+        return "0 patches: nothing to map"
     attention = softmax(att)
     pct = percentile_rank(att)
     pred = ens.classes[int(np.argmax(probs))]
