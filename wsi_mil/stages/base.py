@@ -23,6 +23,18 @@ class SlideStage:
     setup: Callable[[Config, Path], object] | None = None  # run once before the batch (fail fast, one line)
 
 
+_PROCESS_CACHE: dict[str, tuple[str, object]] = {}
+
+
+def per_process(name: str, key: str, build: Callable[[], object]):
+    """One heavy object (an encoder on its device, a fold ensemble) per process, rebuilt when ``key`` changes."""
+    hit = _PROCESS_CACHE.get(name)
+    if hit is None or hit[0] != key:
+        _PROCESS_CACHE.pop(name, None)  # free the old one before building the new one
+        _PROCESS_CACHE[name] = (key, build())
+    return _PROCESS_CACHE[name][1]
+
+
 @lru_cache(maxsize=8)
 def _overrides(path: str | None) -> dict:
     return load_mpp_csv(path)

@@ -15,20 +15,16 @@ from ..features.encoders import build_encoder, encoder_id
 from ..features.engine import Prepared, extract_patches
 from ..h5io import read_coords, write_h5
 from ..slide import SlideRef
-from .base import SlideStage
+from .base import SlideStage, per_process
 from .tile import patches_path
 
 log = logging.getLogger(__name__)
-_PREPARED: dict[str, Prepared] = {}
 
 
 def prepared(cfg: Config) -> Prepared:
     """The encoder on its device, built once per process and reused for every slide."""
     key = cfg.encoder.model_dump_json() + cfg.extract.model_dump_json(include={"device", "precision", "compile"})
-    if key not in _PREPARED:
-        _PREPARED.clear()
-        _PREPARED[key] = Prepared.create(build_encoder(cfg.encoder), cfg.extract)
-    return _PREPARED[key]
+    return per_process("encoder", key, lambda: Prepared.create(build_encoder(cfg.encoder), cfg.extract))
 
 
 def features_dir(out: Path, cfg: Config) -> Path:

@@ -22,10 +22,8 @@ from ..heatmap.raster import clip_to_tissue, colorize, raster_downsample, score_
 from ..heatmap.scores import percentile_rank, softmax
 from ..mil.checkpoint import check_compatible
 from ..slide import SlideRef
-from .base import SlideStage, open_configured
+from .base import SlideStage, open_configured, per_process
 from .predict import Ensemble, native_bf16
-
-_ENSEMBLES: dict[str, Ensemble] = {}
 
 
 def run_path(out: Path, cfg: Config) -> Path:
@@ -43,12 +41,8 @@ def ensemble(out: Path, cfg: Config) -> Ensemble:
     from .predict import checkpoint_files
 
     path = run_path(out, cfg)
-    files = checkpoint_files(path)
-    key = str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files])
-    if key not in _ENSEMBLES:
-        _ENSEMBLES.clear()
-        _ENSEMBLES[key] = Ensemble(path)
-    return _ENSEMBLES[key]
+    key = str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in checkpoint_files(path)])
+    return per_process("ensemble", key, lambda: Ensemble(path))
 
 
 def slide_dir(out: Path, slide_id: str, cfg: Config) -> Path:
