@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 SECTIONS = ["tile", "extract", "train", "heatmap"]
+OPTIONS = argparse.Namespace(encoder="resnet50_trunc", batch=32)  # set from the command line in main()
 
 
 def timed(fn, repeat: int = 3):
@@ -114,11 +115,12 @@ def bench_extract(cache: Path, quick: bool) -> None:
 
     n = 64 if quick else 256
     path, coords, attrs = _bench_patches(cache, n)
-    batch = 32
-    print(f"\n== extract: resnet50_trunc (random init), 224 px, batch {batch}, {len(coords)} patches, "
+    batch, encoder = OPTIONS.batch, OPTIONS.encoder
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\n== extract: {encoder} (random init), 224 px, batch {batch}, {len(coords)} patches, {device}, "
           f"{torch.get_num_threads()} threads")
     for prec in ("fp32", "bf16"):
-        cfg = load_config(None, ["encoder.pretrained=false", f"extract.precision={prec}",
+        cfg = load_config(None, [f"encoder.name={encoder}", "encoder.pretrained=false", f"extract.precision={prec}",
                                  f"extract.batch_size={batch}"])
         prep = prepared(cfg)
         imgs = patch_dataset(path, coords, attrs, 224, 8).__getitems__(list(range(len(coords))))["image"]
@@ -135,7 +137,7 @@ def bench_extract(cache: Path, quick: bool) -> None:
         b = len(coords) / sec_b
         print(f"  {prec}: (a) pure forward {a:6.1f} patches/s | (b) full extraction {b:6.1f} patches/s | "
               f"b/a = {b / a:.2f}")
-        if prec == "fp32":
+        if prec == "fp32" and device == "cpu":
             model = prep.encoder.model.to(memory_format=torch.contiguous_format)
             naive = naive_extract(path, coords, attrs, model, batch)
             prep.encoder.model.to(memory_format=torch.channels_last)
@@ -241,7 +243,10 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     ap.add_argument("--cache", type=Path, default=Path(".bench"))
     ap.add_argument("--quick", action="store_true", help="smaller inputs (for a smoke run)")
+    ap.add_argument("--encoder", default=OPTIONS.encoder, help="extract section: preset or timm name (e.g. uni)")
+    ap.add_argument("--batch", type=int, default=OPTIONS.batch, help="extract section: batch size")
     args = ap.parse_args()
+    OPTIONS.encoder, OPTIONS.batch = args.encoder, args.batch
     args.cache.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
         if name not in SECTIONS:
