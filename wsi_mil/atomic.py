@@ -57,6 +57,20 @@ def write_text(final: str | Path, text: str) -> None:
     write_bytes(final, text.encode())
 
 
+def write_csv(final: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Rows (dicts) as CSV with a header, atomically; ``fields`` default to the first row's keys."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    fields = fields or (list(rows[0]) if rows else [])
+    if fields:
+        writer = csv.DictWriter(buf, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    write_text(final, buf.getvalue())
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

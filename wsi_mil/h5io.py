@@ -42,13 +42,11 @@ def write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str,
             fh.attrs[key] = _attr(value)
 
 
-def read_attrs(path: str | Path, dataset: str = "coords") -> dict:
-    with h5py.File(path, "r") as fh:
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fh[dataset].attrs.items()}
+def attrs_of(obj) -> dict:
+    """HDF5 attributes as plain Python values."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in obj.attrs.items()}
 
 
 def read_coords(path: str | Path) -> tuple[np.ndarray, dict]:
     with h5py.File(path, "r") as fh:
-        ds = fh["coords"]
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ds.attrs.items()}
-        return ds[:].astype(np.int64).reshape(-1, 2), attrs
+        return fh["coords"][:].astype(np.int64).reshape(-1, 2), attrs_of(fh["coords"])

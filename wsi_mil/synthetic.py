@@ -9,7 +9,6 @@ IFD 1 a stripped thumbnail, then the reduced levels) that both openslide and tif
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_csv
 from .tiff import write_pyramid
 
 DESIGN_MPP = 8.0
@@ -284,8 +283,5 @@ def make_cohort(out_dir: str | Path, n_slides: int = 6, width: int = 3072, heigh
             write_slide(path, spec, out_dir / "truth")
         rows.append({"slide_id": sid, "label": "tumour" if positive else "normal",
                      "patient_id": f"P{(i // 4) * 2 + i % 2:03d}"})
-    with atomic_path(out_dir / "labels.csv") as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["slide_id", "label", "patient_id"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_dir / "labels.csv", rows)
     return out_dir

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import io
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..atomic import write_text
+from ..atomic import write_csv
 
 FIELDS = ["slide_id", "stage", "status", "seconds", "reason"]
 
@@ -59,9 +58,4 @@ def update_manifest(path: str | Path, records: Iterable[Record],
             row["seconds"] = f"{rec.seconds:.3f}"
             row["reason"] = " ".join(str(rec.reason).split())
             rows[(rec.slide_id, rec.stage)] = row
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, FIELDS)
-        writer.writeheader()
-        for key in sorted(rows):
-            writer.writerow({k: rows[key].get(k, "") for k in FIELDS})
-        write_text(path, buf.getvalue())
+        write_csv(path, [{k: rows[key].get(k, "") for k in FIELDS} for key in sorted(rows)], FIELDS)

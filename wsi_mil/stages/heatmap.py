@@ -16,11 +16,12 @@ import torch
 
 from ..config import Config, config_to_dict
 from ..errors import WsiMilError
-from ..h5io import write_h5
+from ..h5io import read_coords, write_h5
 from ..heatmap import export
 from ..heatmap.raster import clip_to_tissue, colorize, raster_downsample, score_raster, smooth
 from ..heatmap.scores import percentile_rank, softmax
 from ..mil.checkpoint import check_compatible
+from ..mil.data import load_features
 from ..slide import SlideRef
 from .base import SlideStage, open_configured, per_process
 from .predict import Ensemble, native_bf16
@@ -54,15 +55,11 @@ def summary_path(out: Path, slide_id: str, cfg: Config) -> Path:
 
 
 def _load_features(out: Path, slide_id: str, ens: Ensemble):
-    import h5py
-
     path = Path(out) / "features" / ens.meta.encoder_id / f"{slide_id}.h5"
     if not path.is_file():
         raise WsiMilError(f"{slide_id}: no {path.relative_to(out)}; run 'wsi-mil extract' first")
-    with h5py.File(path, "r") as fh:
-        feats = torch.from_numpy(fh["features"][:])
-        coords = fh["coords"][:].astype(np.int64)
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fh["coords"].attrs.items()}
+    feats = load_features(path)
+    coords, attrs = read_coords(path)
     check_compatible(ens.meta, int(feats.shape[1]), ens.meta.encoder_id, path.name)
     return feats, coords, attrs
 

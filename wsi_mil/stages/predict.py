@@ -6,14 +6,12 @@ given) -> heatmap: the path a deployed model takes on new slides.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import write_text
+from ..atomic import write_csv
 from ..config import Config
 from ..errors import WsiMilError
 from ..mil.checkpoint import CheckpointMeta, check_compatible, load_checkpoint
@@ -85,11 +83,7 @@ def predict_command(args, cfg: Config) -> int:
     rows = predict_files(ensemble, files)
     name = Path(model_path).stem if Path(model_path).is_file() else Path(model_path).name
     output = Path(args.output) if args.output else Path(args.out) / "predictions" / f"{name}.csv"
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(output, buf.getvalue())
+    write_csv(output, rows)
     print(f"predict: {len(rows)} slides with {len(ensemble.models)} model(s) -> {output}")
     return 0
 

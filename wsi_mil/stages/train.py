@@ -7,8 +7,6 @@ probabilities for every slide), ``history.csv`` + ``curves.png``, ``label_map.js
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, write_csv, write_text
 from ..config import Config, config_to_dict
 from ..errors import WsiMilError
 from ..features.encoders import encoder_id
@@ -33,15 +31,6 @@ def default_features_dir(out: Path, cfg: Config) -> Path:
 
 def run_dir(out: Path, cfg: Config, name: str | None = None) -> Path:
     return Path(out) / "models" / (name or cfg.train.run_name)
-
-
-def _csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -94,7 +83,7 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
             oof[te], fold_of[te] = probs, fold
             fold_metrics.append({"fold": fold, "best_epoch": res.best_epoch,
                                  **classification_metrics(y[te], probs, classes)})
-    write_text(out_dir / "splits.csv", _csv_text(split_rows))
+    write_csv(out_dir / "splits.csv", split_rows)
     pred_rows = []
     for i, b in enumerate(bags):
         row = {"slide_id": b.slide_id, "patient_id": b.patient_id, "label": classes[b.label],
@@ -102,8 +91,8 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
         row.update({f"prob_{c}": ("" if np.isnan(oof[i, k]) else f"{oof[i, k]:.6f}") for k, c in enumerate(classes)})
         row["pred"] = "" if np.isnan(oof[i]).any() else classes[int(np.nanargmax(oof[i]))]
         pred_rows.append(row)
-    write_text(out_dir / "predictions.csv", _csv_text(pred_rows))
-    write_text(out_dir / "history.csv", _csv_text(history))
+    write_csv(out_dir / "predictions.csv", pred_rows)
+    write_csv(out_dir / "history.csv", history)
     _plot_curves(history, out_dir / "curves.png")
     write_text(out_dir / "label_map.json", json.dumps(data.label_map, indent=1))
     write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
