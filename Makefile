@@ -7,9 +7,11 @@ SLIDES ?= demo_out/slides
 OUT ?= out
 CONFIG ?=
 ARGS ?=
+FORMAT ?= clam
+TO ?= $(OUT)/export_$(FORMAT)
 STAGE_ARGS = --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: help venv test lint demo bench tile extract train predict heatmap run clean
+.PHONY: help venv test lint demo bench tile extract train predict heatmap run export config clean
 
 help:  ## list the targets
 	@echo "wsi_mil targets (variables: SLIDES=folder|csv OUT=folder CONFIG=file.yaml ARGS='key=value ...')"
@@ -23,11 +25,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed  ## create .venv and install the package with dev extras
 
-lint: venv  ## ruff
+lint: venv  ## ruff, and the layering contracts in pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check wsi_mil pipelines tests
+	$(VENV)/bin/lint-imports
 
-test: venv  ## lint, then the whole test suite
-	$(VENV)/bin/ruff check wsi_mil pipelines tests
+test: lint  ## lint, then the whole test suite
 	$(VENV)/bin/pytest -q
 
 demo: venv  ## whole pipeline on generated synthetic slides (demo_out/)
@@ -36,23 +38,31 @@ demo: venv  ## whole pipeline on generated synthetic slides (demo_out/)
 bench: venv  ## throughput figures (see docs/benchmarks.md)
 	$(PY) pipelines/bench.py $(ARGS)
 
+WSI_MIL := $(VENV)/bin/wsi-mil
+
 tile: venv  ## stage 1: tissue + patch coords  (SLIDES=, OUT=)
-	$(PY) pipelines/tile.py --slides $(SLIDES) $(STAGE_ARGS)
+	$(WSI_MIL) tile --slides $(SLIDES) $(STAGE_ARGS)
 
 extract: venv  ## stage 2: features with a timm encoder  (SLIDES=, OUT=)
-	$(PY) pipelines/extract.py --slides $(SLIDES) $(STAGE_ARGS)
+	$(WSI_MIL) extract --slides $(SLIDES) $(STAGE_ARGS)
 
 train: venv  ## stage 3: attention MIL with cross-validation  (OUT=, ARGS='train.labels=labels.csv')
-	$(PY) pipelines/train.py $(STAGE_ARGS)
+	$(WSI_MIL) train $(STAGE_ARGS)
 
 predict: venv  ## apply a trained run to features  (OUT=)
-	$(PY) pipelines/predict.py $(STAGE_ARGS)
+	$(WSI_MIL) predict $(STAGE_ARGS)
 
 heatmap: venv  ## stage 4: attention heatmaps and exports  (SLIDES=, OUT=)
-	$(PY) pipelines/heatmap.py --slides $(SLIDES) $(STAGE_ARGS)
+	$(WSI_MIL) heatmap --slides $(SLIDES) $(STAGE_ARGS)
 
 run: venv  ## tile -> extract -> predict (or train) -> heatmap on new slides  (SLIDES=, OUT=)
-	$(PY) pipelines/run.py --slides $(SLIDES) $(STAGE_ARGS)
+	$(WSI_MIL) run --slides $(SLIDES) $(STAGE_ARGS)
+
+export: venv  ## features + patches in another tool's layout  (OUT=, FORMAT=clam|trident|torchmil, TO=)
+	$(WSI_MIL) export --format $(FORMAT) --to $(TO) $(STAGE_ARGS)
+
+config: venv  ## print the effective config as commented YAML  (CONFIG=, ARGS=)
+	$(WSI_MIL) config $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 clean:  ## remove outputs of demo and bench (keeps .venv)
 	rm -rf demo_out .bench out .pytest_cache

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from wsi_mil.cli import main as cli
+from wsi_mil.layout import Layout
 from wsi_mil.synthetic import make_cohort
 
 
@@ -38,7 +39,7 @@ def patch_auroc(out: Path, run: str) -> float:
     with (out / "labels.csv").open() as fh:
         positives = [r["slide_id"] for r in csv.DictReader(fh) if r["label"] == "tumour"]
     for sid in positives:
-        path = out / "heatmaps" / run / sid / "scores.h5"
+        path = Layout(out).heatmap_dir(run, sid) / "scores.h5"
         if not path.exists():
             continue
         with h5py.File(path) as fh:
@@ -72,14 +73,15 @@ def main() -> int:
     stage("train", *common, *enc, f"train.labels={out / 'labels.csv'}", "train.folds=3", "train.epochs=30",
           "train.lr=0.001", "train.min_epochs=30")
     stage("heatmap", *slides, *common, *enc, "heatmap.mpp=4")
-    summary = json.loads((out / "models" / "default" / "summary.json").read_text())
+    layout = Layout(out)
+    summary = json.loads((layout.run_dir("default") / "summary.json").read_text())
     auroc = summary["mean_std"]["auroc"]
     pooled = summary["pooled_out_of_fold"]["auroc"]
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s")
     print(f"  slide-level CV AUROC  : {auroc['mean']:.3f} ± {auroc['std']:.3f} over {summary['n_folds']} folds "
           f"(pooled out-of-fold {pooled:.3f})")
     print(f"  patch-level AUROC of attention vs ground-truth tumour: {patch_auroc(out, 'default'):.3f}")
-    print(f"  overlay PNG           : {out / 'heatmaps' / 'default' / 'syn_001' / 'overlay.png'}")
+    print(f"  overlay PNG           : {layout.heatmap_dir('default', 'syn_001') / 'overlay.png'}")
     print(f"  outputs               : {out}/{{patches,masks,features,models,heatmaps}}, {out / 'manifest.csv'}")
     return 0
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from wsi_mil.atomic import TMP_TAG
+
 IGNORED = {"manifest.csv"}
 
 
@@ -47,4 +49,4 @@ def assert_same_outputs(a: Path, b: Path) -> None:
 
 
 def temp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if ".tmp-" in p.name]
+    return [p for p in root.rglob("*") if TMP_TAG in p.name]

@@ -44,3 +44,35 @@ def test_bad_yaml_file(tmp_path):
     p.write_text("tiling:\n  patch_size: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_wsi_mil_config_prints_the_effective_config_with_its_comments(tmp_path, capsys):
+    from wsi_mil.cli import main
+
+    user = tmp_path / "c.yaml"
+    user.write_text("train:\n  folds: 3\n")
+    assert main(["config", "--config", str(user), "tiling.target_mpp=0.25", "heatmap.exports=[png]"]) == 0
+    text = capsys.readouterr().out
+    expected = load_config(user, ["tiling.target_mpp=0.25", "heatmap.exports=[png]"]).model_dump(mode="json")
+    assert yaml.safe_load(text) == expected and expected != Config().model_dump(mode="json")
+    assert "target_mpp: 0.25" in text and "# µm/px of the patches" in text
+
+
+def test_the_documented_defaults_ship_inside_the_package(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("wsi_mil-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = yaml.safe_load(zf.read("wsi_mil/default.yaml"))
+    assert shipped == Config().model_dump(mode="json")
+
+
+def test_non_finite_values_are_refused():
+    for pair in ("tiling.target_mpp=.inf", "tissue.mpp=.nan", "heatmap.alpha=-.inf"):
+        with pytest.raises(ConfigError, match=pair.split("=")[0]):
+            load_config(None, [pair])

@@ -134,11 +134,13 @@ def test_corrupt_inputs_are_recorded_and_the_rest_complete(cohort, tmp_path):
     assert rows[("glass", "extract")]["reason"] == "0 patches: empty bag written"
     # and a model applied to the batch maps the slides with tissue and notes the empty one
     from wsi_mil.mil.checkpoint import CheckpointMeta, save_checkpoint
+    from wsi_mil.mil.ensemble import write_run_summary
     from wsi_mil.mil.models import create_model
 
     save_checkpoint(out / "models" / "default" / "fold_0.safetensors", create_model("abmil_gated", 512, 2),
                     CheckpointMeta({"name": "abmil_gated", "hidden_dim": 256, "attention_dim": 128, "dropout": 0.25},
                                    {"normal": 0, "tumour": 1}, 512, "resnet18"))
+    write_run_summary(out / "models" / "default", {"fold_files": ["fold_0.safetensors"]})
     assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *EXTRACT,
                  "heatmap.exports=[png]", "heatmap.top_k=0"]) == 1
     rows = _status(out)

@@ -16,9 +16,10 @@ from wsi_mil.config import EncoderConfig, load_config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features.encoders import PRESETS, build_encoder
 from wsi_mil.h5io import read_coords
+from wsi_mil.layout import Layout, encoder_id
 from wsi_mil.runner import read_manifest
 from wsi_mil.slide import SlideRef
-from wsi_mil.stages.extract import extract_slide, features_path
+from wsi_mil.stages.extract import extract_slide
 from wsi_mil.stages.tile import tile_slide
 from wsi_mil.synthetic import SyntheticSpec, write_slide
 
@@ -31,7 +32,7 @@ def tiled(tmp_path_factory):
     path = root / "slides" / "ex1.svs"
     path.parent.mkdir()
     write_slide(path, SyntheticSpec(width=2304, height=1792, mpp=0.5, seed=41, tumour=True))
-    tile_slide(SlideRef("ex1", path), load_config(), root / "out")
+    tile_slide(SlideRef("ex1", path), load_config(), Layout(root / "out"))
     return root, path
 
 
@@ -55,15 +56,15 @@ def test_each_row_is_the_models_output_on_that_patch_read_alone(tiled):
     root, path = tiled
     out = root / "out"
     cfg = load_config(None, SMALL + ["extract.read_group=8"])
-    extract_slide(SlideRef("ex1", path), cfg, out)
-    with h5py.File(features_path(out, "ex1", cfg)) as fh:
+    extract_slide(SlideRef("ex1", path), cfg, Layout(out))
+    with h5py.File(Layout(out).features(encoder_id(cfg.encoder.name), "ex1")) as fh:
         feats, coords = fh["features"][:], fh["coords"][:]
         attrs = dict(fh["coords"].attrs)
     tiled_coords, _ = read_coords(out / "patches" / "ex1.h5")
     np.testing.assert_array_equal(coords, tiled_coords)  # rows follow the patch file's order
-    from wsi_mil.stages.extract import prepared
+    from wsi_mil.features.engine import prepared_encoder
 
-    prep = prepared(cfg)
+    prep = prepared_encoder(cfg.encoder, cfg.extract)
     model = prep.encoder.model.float().to(memory_format=torch.contiguous_format)
     rng = np.random.default_rng(0)
     for i in rng.choice(len(coords), size=5, replace=False):
@@ -75,7 +76,7 @@ def test_each_row_is_the_models_output_on_that_patch_read_alone(tiled):
 
 def test_grouped_reads_equal_single_reads(tiled, tmp_path):
     root, path = tiled
-    from wsi_mil.stages.extract import patch_dataset
+    from wsi_mil.features.dataset import patch_dataset
 
     coords, attrs = read_coords(root / "out" / "patches" / "ex1.h5")
     a = patch_dataset(path, coords, attrs, 224, group=1).__getitems__(list(range(len(coords))))
@@ -87,15 +88,15 @@ def test_grouped_reads_equal_single_reads(tiled, tmp_path):
 def test_missing_patch_file_is_a_clear_error(tiled, tmp_path):
     _, path = tiled
     with pytest.raises(WsiMilError, match="run 'wsi-mil tile' first"):
-        extract_slide(SlideRef("ex1", path), load_config(None, SMALL), tmp_path)
+        extract_slide(SlideRef("ex1", path), load_config(None, SMALL), Layout(tmp_path))
 
 
 def test_output_layout_and_attrs_readable_like_clam_trident_torchmil(tiled):
     root, path = tiled
     out = root / "out"
     cfg = load_config(None, SMALL + ["extract.feature_dtype=float16"])
-    extract_slide(SlideRef("ex1", path), cfg, out)
-    f = features_path(out, "ex1", cfg)
+    extract_slide(SlideRef("ex1", path), cfg, Layout(out))
+    f = Layout(out).features(encoder_id(cfg.encoder.name), "ex1")
     assert f.parent.name == "resnet18"
     with h5py.File(f, "r") as fh:  # CLAM: features + coords, then torch.from_numpy
         feats = torch.from_numpy(fh["features"][:])
@@ -128,8 +129,8 @@ def test_local_weights_round_trip_and_key_mismatch(tiled, tmp_path):
         o = tmp_path / wfile.suffix[1:]
         (o / "patches").mkdir(parents=True)
         (o / "patches" / "ex1.h5").write_bytes((root / "out" / "patches" / "ex1.h5").read_bytes())
-        extract_slide(SlideRef("ex1", path), cfg, o)
-        with h5py.File(features_path(o, "ex1", cfg)) as fh:
+        extract_slide(SlideRef("ex1", path), cfg, Layout(o))
+        with h5py.File(Layout(o).features(encoder_id(cfg.encoder.name), "ex1")) as fh:
             outs.append(fh["features"][:])
             assert fh["features"].attrs["weights_sha256"] != "none"
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -183,7 +184,7 @@ def test_an_undecodable_tile_becomes_a_counted_blank_patch(tmp_path):
     path.parent.mkdir()
     write_slide(path, SyntheticSpec(width=2048, height=2048, mpp=0.5, seed=44))
     out = tmp_path / "out"
-    tile_slide(SlideRef("bad", path), load_config(), out)
+    tile_slide(SlideRef("bad", path), load_config(), Layout(out))
     coords, _ = read_coords(out / "patches" / "bad.h5")
     x, y = coords[len(coords) // 2]
     with tifffile.TiffFile(path) as tif:
@@ -195,9 +196,9 @@ def test_an_undecodable_tile_becomes_a_counted_blank_patch(tmp_path):
         fh.seek(offset)
         fh.write(np.random.default_rng(0).integers(0, 256, count, dtype=np.uint8).tobytes())
     cfg = load_config(None, SMALL)
-    note = extract_slide(SlideRef("bad", path), cfg, out)
+    note = extract_slide(SlideRef("bad", path), cfg, Layout(out))
     assert "1 undecodable tile(s)" in note
-    with h5py.File(features_path(out, "bad", cfg)) as fh:
+    with h5py.File(Layout(out).features(encoder_id(cfg.encoder.name), "bad")) as fh:
         assert fh["features"].attrs["n_failed_patches"] == 1
         assert list(fh["features"].attrs["failed_patch_indices"]) == [len(coords) // 2]
         assert np.isfinite(fh["features"][:]).all()
@@ -215,8 +216,12 @@ def test_cuda_amp_features_are_close_to_fp32(tiled, tmp_path):
         (o / "patches").mkdir(parents=True)
         (o / "patches" / "ex1.h5").write_bytes((root / "out" / "patches" / "ex1.h5").read_bytes())
         torch.manual_seed(0)
-        extract_slide(SlideRef("ex1", path), cfg, o)
-        with h5py.File(features_path(o, "ex1", cfg)) as fh:
+        extract_slide(SlideRef("ex1", path), cfg, Layout(o))
+        with h5py.File(Layout(o).features(encoder_id(cfg.encoder.name), "ex1")) as fh:
             feats[prec] = fh["features"][:]
             assert fh["features"].attrs["device"] == "cuda"
-    assert np.isfinite(feats["bf16"]).all()
+    ref = torch.from_numpy(feats["fp32"]).double()
+    for prec in ("bf16", "fp16"):
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(feats[prec]).double(), ref, dim=1)
+        assert np.isfinite(feats[prec]).all()
+        assert cos.min().item() >= 0.99, (prec, cos.min().item())

@@ -143,3 +143,31 @@ def test_run_takes_new_slides_through_tile_extract_predict_heatmap(cohort, tmp_p
     assert [r["slide_id"] for r in rows] == ["case_a"] and rows[0]["pred"] in ("normal", "tumour")
     assert (deploy / "heatmaps" / "default" / "case_a" / "summary.json").is_file()
     assert (deploy / "patches" / "case_a.h5").is_file() and (deploy / "features" / "resnet18" / "case_a.h5").is_file()
+
+
+def test_every_registered_export_writes_its_files_under_the_slide_folder(tmp_path, slide_factory):
+    """The export contract: called with an ExportJob, each registered export writes only under job.folder."""
+    path = slide_factory("exp1", width=2048, height=1536, mpp=0.5, seed=12, tumour=True)
+    coords = np.array([[0, 0], [256, 0], [512, 256]])
+    raster = np.full((48, 64), np.nan, np.float32)
+    raster[:16, :32] = 0.8
+    with SlideReader(path) as reader:
+        reader.mpp = 0.5
+        for name, fn in sorted(export.EXPORTS.items()):
+            folder = tmp_path / name
+            job = export.ExportJob(folder=folder, slide_id="exp1", reader=reader, raster=raster,
+                                   colour=colorize(raster), raster_mpp=16.0, coords=coords, size0=256,
+                                   patch_level=0, patch_size_level=256,
+                                   measurements={"attention": np.arange(3.0)}, percentile=np.array([10.0, 50, 90]),
+                                   title="exp1", cmap="jet", alpha=0.5, top_k=1)
+            before = {p for p in tmp_path.rglob("*") if p.is_file()}
+            extra = fn(job)
+            assert extra is None or isinstance(extra, dict), name
+            new = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+            assert new and all(folder in p.parents for p in new), name
+    assert {"png", "tiff", "geojson", "zarr", "patches"} <= set(export.EXPORTS)
+
+
+def test_unknown_export_names_are_refused_in_one_line(cohort, tmp_path, capsys):
+    assert main(["heatmap", "--slides", str(cohort / "slides"), "--out", str(tmp_path), "heatmap.exports=[png,pdf]"]) == 2
+    assert "unknown export 'pdf'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from wsi_mil.mil.digits import digits_bags, evaluate
 from wsi_mil.mil.models import MODELS, create_model
 from wsi_mil.mil.splits import kfold_splits
 from wsi_mil.mil.train import fit, predict_bags
+from wsi_mil.runner import read_manifest
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -150,7 +151,9 @@ def test_train_cli_writes_a_complete_run_and_predict_uses_the_ensemble(feature_c
     assert len(rows) == 20 and {r["pred"] for r in rows} <= {"normal", "tumour"}
     other = tmp_path / "other"
     _write_features(other, "z", np.zeros((5, 7)), encoder="other_enc")
-    assert main(["predict", "--out", str(out), "--features", str(other), "--no-progress"]) == 2
+    assert main(["predict", "--out", str(out), "--features", str(other), "--no-progress"]) == 1
+    rows = {(r["slide_id"], r["stage"]): r for r in read_manifest(out / "manifest.csv")}
+    assert rows[("z", "predict")]["status"] == "failed" and "trained on 12-d" in rows[("z", "predict")]["reason"]
 
 
 def test_missing_features_or_labels_skip_or_error(feature_cohort, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from conftest import BROKEN
 from helpers import assert_same_outputs, temp_files
 
-from wsi_mil.atomic import HOST, atomic_path, clean_stale_temps
+from wsi_mil.atomic import HOST, TMP_TAG, atomic_path, clean_stale_temps
 from wsi_mil.cli import main
 from wsi_mil.runner import SlideLock, read_manifest, run_batch
 from wsi_mil.slide import SlideRef
@@ -77,8 +77,8 @@ def test_atomic_path_never_leaves_a_partial_file(tmp_path):
 def test_stale_temp_of_a_dead_writer_is_removed_but_a_live_one_is_kept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".a.tmp-{HOST}-{dead.pid}.h5"
-    live = tmp_path / f".b.tmp-{HOST}-{os.getpid()}.h5"
+    stale = tmp_path / f".a{TMP_TAG}{HOST}-{dead.pid}.h5"
+    live = tmp_path / f".b{TMP_TAG}{HOST}-{os.getpid()}.h5"
     stale.write_bytes(b"x")
     live.write_bytes(b"x")
     assert clean_stale_temps(tmp_path) == 1

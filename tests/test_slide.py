@@ -54,6 +54,18 @@ def test_broken_slide_gives_one_line_naming_the_file():
     assert "broken.svs" in str(err.value) and "\n" not in str(err.value)
 
 
+@needs_real
+def test_a_truncated_svs_names_the_file_and_says_what_is_wrong(tmp_path):
+    data = CMU.read_bytes()
+    path = tmp_path / "truncated.svs"
+    path.write_bytes(data[: len(data) // 3])  # the first IFD lies beyond the cut
+    with pytest.raises(SlideError) as err:
+        SlideReader(path)
+    text = str(err.value)
+    assert text.startswith("truncated.svs: cannot open slide") and "truncated" in text.split(":", 1)[1]
+    assert "\n" not in text
+
+
 def test_mpp_resolution_order(slide_factory, tmp_path):
     props = slide_factory("props", width=1024, height=1024, mpp=0.5, seed=2)
     tags = slide_factory("tags", width=1024, height=1024, mpp=0.5, seed=2, mpp_in_metadata=False)

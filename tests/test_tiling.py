@@ -5,6 +5,7 @@ from conftest import CMU, needs_real
 
 from wsi_mil.config import Config, TilingConfig, load_config
 from wsi_mil.h5io import read_coords
+from wsi_mil.layout import Layout
 from wsi_mil.slide import SlideRef, open_slide
 from wsi_mil.stages.tile import compute_tiles, tile_slide
 from wsi_mil.tiling import box_fractions, grid_axes, make_grid
@@ -63,19 +64,22 @@ def test_same_physical_grid_at_two_scan_resolutions(slide_factory):
 def test_patch_file_layout(slide_factory, tmp_path):
     path = slide_factory("gt11", width=2400, height=2000, mpp=0.5, seed=11, tumour=True)
     cfg = load_config(None, ["tiling.target_mpp=0.6", "tiling.patch_size=224"])
-    tile_slide(SlideRef("gt11", path), cfg, tmp_path)
-    coords, attrs = read_coords(tmp_path / "patches" / "gt11.h5")
+    tile_slide(SlideRef("gt11", path), cfg, Layout(tmp_path))
+    layout = Layout(tmp_path)
+    coords, attrs = read_coords(layout.patches("gt11"))
     assert len(coords) > 10
     for key in ("patch_size", "patch_level", "downsample", "level_dim", "name", "patch_size_level0",
+                "level0_magnification", "target_magnification", "patch_size_target", "overlap_fraction",
                 "target_mpp", "slide_mpp", "level0_width", "level0_height", "overlap", "tissue_params"):
         assert key in attrs, key
-    assert attrs["patch_size"] == 224 and attrs["target_mpp"] == 0.6 and attrs["name"] == "gt11"
-    assert attrs["patch_size_level0"] == round(224 * 0.6 / 0.5)
+    # patch_size is the edge at patch_level (level 0 here: 0.5 µm/px <= 0.6), our target edge is kept apart
+    assert attrs["patch_level"] == 0 and attrs["patch_size"] == attrs["patch_size_level0"] == round(224 * 0.6 / 0.5)
+    assert attrs["patch_size_target"] == 224 and attrs["target_mpp"] == 0.6 and attrs["name"] == "gt11"
     assert attrs["level0_width"] == 2400
-    with h5py.File(tmp_path / "patches" / "gt11.h5") as fh:
+    with h5py.File(layout.patches("gt11")) as fh:
         assert fh["coords"].dtype == np.int64 and fh["coords"].shape == (len(coords), 2)
-    for suffix in (".mask.png", ".qc.png", ".grid.png", ".tissue.geojson"):
-        assert (tmp_path / "masks" / f"gt11{suffix}").stat().st_size > 0
+    for kind in ("mask.png", "qc.png", "grid.png", "tissue.geojson"):
+        assert layout.mask("gt11", kind).stat().st_size > 0
 
 
 @needs_real

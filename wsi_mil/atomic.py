@@ -1,27 +1,37 @@
 """Atomic outputs: write to a temp name in the same folder, then ``os.replace`` onto the final name.
 
 A file that exists under its final name is therefore always complete. Temp names carry the host and pid
-of their writer, so a later run can tell a dead writer's leftovers from a live one's.
+of their writer, so a later run can tell a dead writer's leftovers from a live one's. Only names of exactly
+our temp form are ever cleaned up, and never a path the caller names as an input.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-HOST = socket.gethostname().replace("-", "_").replace(".", "_")
-TMP_TAG = ".tmp-"
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
+TMP_TAG = ".wsi_mil-tmp-"
+_TEMP = re.compile(r"^\.(?P<stem>.+)" + re.escape(TMP_TAG) + r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>[0-9]+)(?P<suffix>\.[^.]*)?$")
 
 
 def temp_name(final: Path) -> Path:
-    """``dir/.name.tmp-HOST-PID.ext``: same folder (same filesystem), same extension (for encoders)."""
+    """``dir/.name.wsi_mil-tmp-HOST-PID.ext``: same folder (same filesystem), same extension (for encoders)."""
     suffix = "".join(final.suffixes[-1:])
     stem = final.name[: len(final.name) - len(suffix)] if suffix else final.name
     return final.with_name(f".{stem}{TMP_TAG}{HOST}-{os.getpid()}{suffix}")
+
+
+def parse_temp(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a temp name of ours, or None for any other name."""
+    m = _TEMP.match(name)
+    return (m["host"], int(m["pid"])) if m else None
 
 
 def _remove(path: Path) -> None:
@@ -41,7 +51,14 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.is_dir() and tmp.is_dir():
-            _remove(final)  # directories (e.g. OME-Zarr) cannot be replaced in one step
+            # a folder (a run, an OME-Zarr) cannot replace a non-empty one in one step: move the old one
+            # aside under a temp name, move the new one in, then delete the old; never a mix of the two
+            old = temp_name(final.with_name(final.name + "-old"))
+            _remove(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _remove(old)
+            return
         os.replace(tmp, final)
     except BaseException:
         _remove(tmp)
@@ -71,6 +88,14 @@ def write_csv(final: str | Path, rows: list[dict], fields: list[str] | None = No
     write_text(final, buf.getvalue())
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -81,25 +106,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_temps(folder: str | Path) -> Iterator[Path]:
-    """Temp files under ``folder`` whose writer on this host is dead (or that belong to no known pid)."""
+def stale_temps(folder: str | Path, keep: set[Path] | frozenset = frozenset()) -> Iterator[Path]:
+    """Temp files of ours under ``folder`` whose writer on this host is dead; ``keep`` (inputs) never."""
     folder = Path(folder)
     if not folder.is_dir():
         return
+    keep = {Path(p).resolve() for p in keep}
     for path in folder.rglob(f".*{TMP_TAG}*"):
-        tag = path.name.split(TMP_TAG, 1)[1]
-        host, _, rest = tag.rpartition("-")
-        pid_text = rest.split(".", 1)[0]
-        if host == HOST and pid_text.isdigit() and pid_alive(int(pid_text)):
+        parsed = parse_temp(path.name)
+        if parsed is None or path.resolve() in keep:
             continue
-        if host != HOST and host:
-            continue  # another machine's writer: leave it to that machine
+        host, pid = parsed
+        if host != HOST or pid_alive(pid):
+            continue  # a live writer, or another machine's (left to that machine)
         yield path
 
 
-def clean_stale_temps(folder: str | Path) -> int:
+def clean_stale_temps(folder: str | Path, keep: set[Path] | frozenset = frozenset()) -> int:
     n = 0
-    for path in list(stale_temps(folder)):
+    for path in list(stale_temps(folder, keep)):
         _remove(path)
         n += 1
     return n

@@ -9,107 +9,146 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import Config, load_config, render_config
 from .errors import WsiMilError, one_line
+from .layout import Layout
 from .slide import discover_slides
 
 SLIDE_STAGES = {"tile": "wsi_mil.stages.tile", "extract": "wsi_mil.stages.extract",
                 "heatmap": "wsi_mil.stages.heatmap"}
-STAGES = ["tile", "extract", "train", "predict", "heatmap", "run"]
+HELP = {
+    "tile": "tissue masks and patch coordinates -> patches/<slide_id>.h5",
+    "extract": "encoder features for every patch -> features/<encoder_id>/<slide_id>.h5",
+    "train": "cross-validated attention MIL on cached features -> models/<run_name>/",
+    "predict": "apply a checkpoint or a run's fold ensemble -> predictions/<run>.csv",
+    "heatmap": "attention heatmaps and exports -> heatmaps/<run_name>/<slide_id>/",
+    "run": "every stage in order (tile, extract, then train or predict, heatmap)",
+    "export": "a study's features and patches in CLAM, TRIDENT or torchmil layout -> --to DIR",
+    "config": "print the effective configuration (defaults + --config + overrides) as commented YAML",
+}
 log = logging.getLogger("wsi_mil")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsi-mil", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="stage", required=True, metavar="stage")
-    helps = {
-        "tile": "tissue masks and patch coordinates -> patches/<slide_id>.h5",
-        "extract": "encoder features for every patch -> features/<encoder_id>/<slide_id>.h5",
-        "train": "cross-validated attention MIL on cached features -> models/<run_name>/",
-        "predict": "apply a checkpoint or a run's fold ensemble -> predictions CSV",
-        "heatmap": "attention heatmaps and exports -> heatmaps/<run_name>/<slide_id>/",
-        "run": "every stage in order (tile, extract, then train or predict, heatmap)",
-    }
-    for name in STAGES:
-        sp = sub.add_parser(name, help=helps[name], description=helps[name])
-        sp.add_argument("--slides", type=Path, required=name in {"tile", "extract"},
-                        help="folder of slides, or a CSV with a 'path' column")
-        sp.add_argument("--out", type=Path, required=True, help="output folder")
-        sp.add_argument("--config", type=Path, help="YAML config (see configs/default.yaml)")
-        sp.add_argument("--overwrite", action="store_true", help="redo slides whose outputs exist")
-        sp.add_argument("--recursive", action="store_true", help="search --slides recursively")
-        sp.add_argument("--executor", choices=["serial", "process", "dask"], help="runner.executor")
-        sp.add_argument("--workers", type=int, help="runner.workers")
-        sp.add_argument("--dask-address", help="join an existing Dask cluster (tcp://host:port)")
-        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
-        sp.add_argument("-v", "--verbose", action="store_true")
+    for name, text in HELP.items():
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("--config", type=Path, help="YAML config (see wsi-mil config)")
+        if name != "config":
+            sp.add_argument("--out", type=Path, required=True, help="output folder")
+            sp.add_argument("-v", "--verbose", action="store_true")
+        if name in ("tile", "extract", "train", "predict", "heatmap", "run"):
+            sp.add_argument("--slides", type=Path, required=name in {"tile", "extract"},
+                            help="folder of slides, or a CSV with a 'path' column")
+            sp.add_argument("--overwrite", action="store_true", help="redo slides whose outputs exist")
+            sp.add_argument("--recursive", action="store_true", help="search --slides recursively")
+            sp.add_argument("--executor", choices=["serial", "process", "dask"], help="runner.executor")
+            sp.add_argument("--workers", type=int, help="runner.workers")
+            sp.add_argument("--dask-address", help="join an existing Dask cluster (tcp://host:port)")
+            sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name in ("predict", "run"):
             sp.add_argument("--model", type=Path, help="a checkpoint file or a run folder (default: models/<run>)")
+        if name == "predict":
             sp.add_argument("--features", type=Path, help="folder of feature .h5 files")
             sp.add_argument("--output", type=Path, help="CSV to write (default <out>/predictions/<run>.csv)")
+        if name == "export":
+            sp.add_argument("--format", required=True, choices=["clam", "trident", "torchmil"])
+            sp.add_argument("--to", type=Path, required=True, help="folder to write the tool's layout into")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
 
 def _config(args) -> Config:
     overrides = list(args.overrides)
-    if args.overwrite:
-        overrides.append("runner.overwrite=true")
-    if args.executor:
+    flags = {"overwrite": "runner.overwrite=true", "recursive": "slides.recursive=true"}
+    for flag, pair in flags.items():
+        if getattr(args, flag, False):
+            overrides.append(pair)
+    if getattr(args, "executor", None):
         overrides.append(f"runner.executor={args.executor}")
-    if args.workers is not None:
+    if getattr(args, "workers", None) is not None:
         overrides.append(f"runner.workers={args.workers}")
-    if args.dask_address:
+    if getattr(args, "dask_address", None):
         overrides += [f"runner.dask_address={args.dask_address}", "runner.executor=dask"]
-    if args.recursive:
-        overrides.append("slides.recursive=true")
     return load_config(args.config, overrides)
 
 
-def run_slide_stage(name: str, args, cfg: Config) -> int:
-    from .stages.base import run_stage
-
+def _slides(args, cfg: Config):
     if args.slides is None:
-        raise WsiMilError(f"{name}: --slides is required")
+        raise WsiMilError(f"{args.stage}: --slides is required")
     slides = discover_slides(args.slides, cfg.slides.extensions, cfg.slides.recursive)
     if not slides:
         raise WsiMilError(f"no slides found in {args.slides} (extensions: {' '.join(cfg.slides.extensions)})")
-    stage = importlib.import_module(SLIDE_STAGES[name]).STAGE
-    result = run_stage(stage, slides, cfg, args.out, progress=not args.no_progress)
-    print(result.summary())
-    return 0 if result.ok else 1
+    return slides
+
+
+def _writable(out: Path) -> Layout:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WsiMilError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise WsiMilError(f"--out {out}: not writable (outputs, locks and manifest.csv are written there)")
+    return Layout(out)
 
 
 def dispatch(args, cfg: Config) -> int:
+    if args.stage == "config":
+        sys.stdout.write(render_config(cfg))
+        return 0
+    if args.stage == "export":
+        from .interop import export_study, load_study
+
+        print(export_study(args.format, load_study(args.out, cfg.encoder.name, cfg.train.labels), args.to))
+        return 0
+    layout = _writable(args.out)
+    progress = not args.no_progress
     if args.stage in SLIDE_STAGES:
-        return run_slide_stage(args.stage, args, cfg)
+        from .stages.base import run_stage
+
+        stage = importlib.import_module(SLIDE_STAGES[args.stage]).STAGE
+        result = run_stage(stage, _slides(args, cfg), cfg, layout, progress=progress)
+        print(result.summary())
+        return 0 if result.ok else 1
     if args.stage == "train":
-        from .stages.train import train_command
+        from .stages.train import train
 
-        return train_command(args, cfg)
+        train(layout, cfg, progress=progress)
+        return 0
     if args.stage == "predict":
-        from .stages.predict import predict_command
+        from .stages.predict import predict
 
-        return predict_command(args, cfg)
+        result = predict(layout, cfg, model=args.model, features=args.features, output=args.output)
+        print(result.summary())
+        return 0 if result.ok else 1
     if args.stage == "run":
-        from .stages.predict import run_command
+        from .workflow import run_pipeline
 
-        return run_command(args, cfg)
+        outcomes = run_pipeline(_slides(args, cfg), layout, cfg, model=args.model, progress=progress)
+        for outcome in outcomes:
+            print(outcome.line)
+        failed = [o.stage for o in outcomes if not o.ok]
+        print(f"run: {'failed in ' + ', '.join(failed) if failed else 'every stage done'}")
+        return 1 if failed else 0
     raise WsiMilError(f"unknown stage {args.stage}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = _config(args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        return dispatch(args, cfg)
+        return dispatch(args, _config(args))
     except WsiMilError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a vanished folder: one line, not a traceback
+        log.debug("OS error", exc_info=True)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,7 +1,9 @@
 """Typed, validated configuration.
 
-One pydantic model per section; unknown keys and bad values are rejected with one line that names the
-dotted key. ``configs/default.yaml`` documents every key and is checked against these defaults in tests.
+One pydantic model per section; unknown keys and bad values (including NaN and infinity) are rejected
+with one line that names the dotted key. ``wsi_mil/default.yaml`` (shipped in the package, linked from
+``configs/default.yaml``) documents every key and is checked against these defaults in tests;
+``wsi-mil config`` prints the effective configuration in the same commented form.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .userfiles import read_text
 
 WSI_EXTENSIONS = [".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"]
 
 
+DEFAULT_YAML = Path(__file__).with_name("default.yaml")
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SlidesConfig(Section):
@@ -110,9 +116,8 @@ class HeatmapConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     refine: bool = False
     refine_overlap: float = Field(0.5, gt=0, lt=1)
-    exports: list[Literal["png", "tiff", "geojson", "zarr", "patches"]] = Field(
-        default_factory=lambda: ["png", "tiff", "geojson", "zarr", "patches"]
-    )
+    # names registered in wsi_mil.heatmap.export (checked against that registry before a batch starts)
+    exports: list[str] = Field(default_factory=lambda: ["png", "tiff", "geojson", "zarr", "patches"])
 
 
 class RunnerConfig(Section):
@@ -181,7 +186,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not path.is_file():
             raise ConfigError(f"config error: file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_text(path, "config")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
@@ -197,3 +202,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def config_to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def render_config(cfg: Config) -> str:
+    """The effective config as YAML, with default.yaml's comments on every key."""
+    values = config_to_dict(cfg)
+    out, section = [], None
+    for line in DEFAULT_YAML.read_text(encoding="utf-8").splitlines():
+        body, sep, comment = line.partition("  #") if not line.lstrip().startswith("#") else (line, "", "")
+        key, colon, rest = body.partition(":")
+        name = key.strip()
+        if not colon or not name or name.startswith("#"):
+            out.append(line)
+            continue
+        if not key.startswith(" "):
+            section = name
+            out.append(line)
+            continue
+        value = values.get(section, {}).get(name, None)
+        text = f"{key}: {_flow(value)}"
+        out.append(f"{text:<26} #{comment}" if sep else text)
+    rendered = "\n".join(out) + "\n"
+    assert yaml.safe_load(rendered) == values, "render_config lost a value"
+    return rendered

@@ -31,6 +31,13 @@ def iter_tiles(image: np.ndarray, tile: int) -> Iterator[np.ndarray]:
             yield t
 
 
+def description_text(text: str) -> str:
+    """Free text made safe inside an Aperio description: readers split it on ``|`` into ``key = value``
+    fields, so a slide named ``x|MPP = 100|y`` must not become a field. Separators, ``=`` and control
+    characters are replaced."""
+    return "".join("_" if c in "|=" or ord(c) < 32 or ord(c) == 127 else c for c in str(text))
+
+
 def write_pyramid(path: str | Path, width: int, height: int, downsamples: list[int], tiles: TileSource,
                   thumbnail: np.ndarray, mpp: float | None, description: str, tile: int = 256,
                   quality: int = 85, resolution_tags: bool = True) -> None:

@@ -2,11 +2,24 @@
 
 The level-0 footprint of a patch is ``patch_size * target_mpp / slide_mpp``; patches are read from the
 pyramid level with the largest mpp that is still <= target_mpp and resized to ``patch_size``.
+
+What the field's readers take from a patch file (:func:`reader_attrs`):
+
+- CLAM reads ``patch_size`` px at ``patch_level`` (``read_region(coord, patch_level, (patch_size,)*2)``)
+  and stitches with ``patch_size * level_downsample[patch_level]``.
+- TRIDENT reads a level-0 footprint of ``round(patch_size * level0_magnification / target_magnification)``
+  px (magnification = 10 / mpp), takes ``overlap`` in pixels of that same frame, and falls back to its
+  CLAM path when either magnification is missing.
+
+One file satisfies both: ``patch_size`` is the edge *at the read level* and ``target_magnification`` is
+that level's magnification. Both tools then read exactly our footprint (``patch_size_level0``) from
+exactly the pixels we read. Our own target description stays in ``target_mpp`` / ``patch_size_target``
+(the edge at ``target_mpp``, i.e. ``tiling.patch_size``) and ``overlap_fraction``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -22,7 +35,6 @@ class Grid:
     patch_size_level0: float
     step_level0: float
     tissue_fraction: np.ndarray  # (N,) float32
-    attrs: dict = field(default_factory=dict)
 
 
 def grid_axes(width0: int, height0: int, size0: float, step0: float) -> tuple[np.ndarray, np.ndarray]:
@@ -70,3 +82,22 @@ def patch_read_geometry(reader, target_mpp: float, size0: float) -> tuple[int, i
     """(level, size at that level) to read a patch whose level-0 footprint is ``size0``."""
     level = reader.best_level_for_mpp(target_mpp)
     return level, max(1, int(round(size0 / reader.level_downsamples[level])))
+
+
+def reader_attrs(reader, level: int, size_at_level: int, grid: Grid, cfg: TilingConfig, name: str) -> dict:
+    """``coords`` attributes that CLAM and TRIDENT read unchanged (see the module docstring)."""
+    ds = float(reader.level_downsamples[level])
+    level0_mag = 10.0 / reader.mpp
+    return {
+        "patch_size": int(size_at_level),  # edge at patch_level: CLAM's meaning, and TRIDENT's with the mags below
+        "patch_level": int(level),
+        "downsample": np.array([ds, ds], np.float64),
+        "level_dim": np.array(reader.level_dimensions[level], np.int64),
+        "name": name,
+        "level0_magnification": float(level0_mag),
+        "target_magnification": float(level0_mag / ds),  # the magnification patch_size is measured at
+        "overlap": int(round(size_at_level * cfg.overlap)),  # px at patch_level (TRIDENT)
+        "patch_size_level0": int(round(grid.patch_size_level0)),
+        "level0_width": int(reader.dimensions[0]),
+        "level0_height": int(reader.dimensions[1]),
+    }

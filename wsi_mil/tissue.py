@@ -7,13 +7,14 @@ at the mask's own resolution, so a 2 mm biopsy and a 25 mm resection are treated
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .config import TissueConfig
+from .errors import WsiMilError, one_line
+from .userfiles import read_json
 
 
 def _px_area(area_um2: float, mpp: float) -> int:
@@ -70,6 +71,15 @@ def detect_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) 
 
 # -- GeoJSON (QuPath) ---------------------------------------------------------------------------
 
+TISSUE_COLOR = (0, 170, 0)
+
+
+def qupath_class(name: str, color: tuple[int, int, int]) -> dict:
+    """A classification QuPath's reader accepts: its PathClass type adapter takes a plain string, or an
+    object with ``name`` (or ``names``) *and* ``color``; ``{"name": ...}`` alone is refused."""
+    return {"name": str(name), "color": [int(c) for c in color]}
+
+
 def mask_to_geojson(mask: np.ndarray, scale: float, name: str = "Tissue") -> dict:
     """Tissue polygons (with holes) in level-0 pixels, as a QuPath-importable FeatureCollection."""
     contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
@@ -94,7 +104,7 @@ def mask_to_geojson(mask: np.ndarray, scale: float, name: str = "Tissue") -> dic
             features.append({
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": rings},
-                "properties": {"objectType": "annotation", "classification": {"name": name}},
+                "properties": {"objectType": "annotation", "classification": qupath_class(name, TISSUE_COLOR)},
             })
     return {"type": "FeatureCollection", "features": features}
 
@@ -128,11 +138,18 @@ def geojson_to_mask(geojson: dict | list, shape: tuple[int, int], scale: float) 
     return mask.astype(bool)
 
 
-def load_user_geojson(folder: Path | None, slide_id: str) -> dict | None:
+def load_user_geojson(folder: Path | None, slide_id: str, shape: tuple[int, int], scale: float) -> np.ndarray | None:
+    """The mask drawn by a user-edited ``<slide_id>.geojson`` (QuPath export: classification as a string or
+    an object), or None when there is none. A file that cannot be used is one line naming it."""
     if folder is None:
         return None
     for ext in (".geojson", ".json"):
         path = Path(folder) / f"{slide_id}{ext}"
         if path.is_file():
-            return json.loads(path.read_text())
+            data = read_json(path, "tissue GeoJSON")
+            try:
+                mask = geojson_to_mask(data, shape, scale)
+            except (KeyError, TypeError, ValueError, AttributeError, cv2.error) as exc:
+                raise WsiMilError(f"tissue GeoJSON {path.name}: not usable polygons ({one_line(exc)})") from None
+            return mask
     return None

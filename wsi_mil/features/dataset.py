@@ -125,3 +125,10 @@ class PatchDataset(Dataset):
 def collate_batch(batch):
     """``__getitems__`` already returns a batch; this keeps the DataLoader from collating it again."""
     return batch
+
+
+def patch_dataset(slide_path, coords: np.ndarray, attrs: dict, input_size: int, group: int = 1) -> PatchDataset:
+    """Patches exactly as tiling laid them out (``coords`` attrs of a patch file): its level and read size,
+    resized to the encoder's input."""
+    return PatchDataset(slide_path, attrs.get("backend", "auto"), coords, int(attrs["patch_level"]),
+                        int(attrs["patch_size_level"]), int(attrs["patch_size_level0"]), input_size, group)

@@ -9,7 +9,6 @@ The feature dimension is measured from a forward pass, never written down.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import file_sha256
 from ..config import EncoderConfig
 from ..errors import WsiMilError
+from ..layout import encoder_id
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -124,11 +125,6 @@ class Encoder:
     dim: int = 0
 
 
-def encoder_id(name: str) -> str:
-    """A folder-safe id: ``hf-hub:org/model`` -> ``hf-hub_org_model``."""
-    return name.replace(":", "_").replace("/", "_")
-
-
 def _create(arch: str, kwargs: dict, pretrained: bool) -> nn.Module:
     import timm
 
@@ -136,14 +132,6 @@ def _create(arch: str, kwargs: dict, pretrained: bool) -> nn.Module:
     if kw.pop("_swiglu", False):
         kw = _kwargs_swiglu(**kw)
     return timm.create_model(arch, pretrained=pretrained, num_classes=0, **kw)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict(path: Path) -> dict:
@@ -204,7 +192,7 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
         model = _create(arch, kwargs, pretrained=False)
         inner = model
         _load_into(inner, Path(cfg.weights), cfg.name)
-        source, sha = f"file:{Path(cfg.weights).resolve()}", sha256(Path(cfg.weights))
+        source, sha = f"file:{Path(cfg.weights).resolve()}", file_sha256(Path(cfg.weights))
     elif cfg.pretrained:
         if hub is None:
             raise EncoderError(f"encoder '{cfg.name}': {preset.note}")

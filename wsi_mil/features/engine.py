@@ -12,26 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import ExtractConfig
+from ..config import EncoderConfig, ExtractConfig
+from ..device import pick_device
+from ..runner.cache import per_process
 from .dataset import PatchDataset, collate_batch
-from .encoders import Encoder
+from .encoders import Encoder, build_encoder
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from ..errors import WsiMilError
-
-        raise WsiMilError("extract.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def pick_precision(name: str, device: torch.device, encoder: Encoder) -> str:
@@ -125,3 +113,9 @@ def extract_patches(prep: Prepared, dataset: PatchDataset, cfg: ExtractConfig,
                 bad.append(idx[b["bad"].numpy()])
             bar.update(len(idx))
     return feats, (np.concatenate(bad) if bad else np.zeros(0, np.int64))
+
+
+def prepared_encoder(encoder: EncoderConfig, extract: ExtractConfig) -> Prepared:
+    """The configured encoder on its device, built once per process and reused for every slide."""
+    key = encoder.model_dump_json() + extract.model_dump_json(include={"device", "precision", "compile"})
+    return per_process("encoder", key, lambda: Prepared.create(build_encoder(encoder), extract))

@@ -1,8 +1,15 @@
-"""Exports a pathologist can open: overlay PNG, pyramidal TIFF, QuPath GeoJSON, OME-Zarr, top/bottom-k."""
+"""Exports a pathologist can open: overlay PNG, pyramidal TIFF, QuPath GeoJSON, OME-Zarr, top/bottom-k.
+
+Each export is one function taking an :class:`ExportJob` and registered by name (``heatmap.exports``
+names them). Adding a format is one function plus ``@register_export("name")``; the heatmap stage loops
+over the configured names and a contract test runs every registered export.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -10,7 +17,7 @@ import numpy as np
 
 from ..atomic import atomic_path, write_text
 from ..qc import write_png
-from ..tiff import iter_tiles, write_pyramid
+from ..tiff import description_text, iter_tiles, write_pyramid
 from .raster import colorize
 
 OVERLAY_MAX_SIDE = 2048
@@ -60,8 +67,8 @@ def heatmap_tiff(path: Path, rgb: np.ndarray, mpp: float, slide_id: str) -> None
 
     f = min(1.0, 512 / max(w, h))
     thumb = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-    write_pyramid(path, w, h, levels, tiles, thumb, mpp, f"MPP = {mpp:.6f}|Source = wsi_mil heatmap {slide_id}",
-                  tile=256, quality=90)
+    write_pyramid(path, w, h, levels, tiles, thumb, mpp,
+                  f"MPP = {mpp:.6f}|Source = wsi_mil heatmap {description_text(slide_id)}", tile=256, quality=90)
 
 
 def geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict[str, np.ndarray]) -> None:
@@ -73,7 +80,8 @@ def geojson(path: Path, coords: np.ndarray, size0: int, measurements: dict[str, 
     ring = np.stack([x, y, x + s, y, x + s, y + s, x, y + s, x, y], 1)
     vals = [np.nan_to_num(np.asarray(measurements[k], np.float64), nan=0.0, posinf=0.0, neginf=0.0) for k in names]
     table = np.concatenate([ring.astype(object), np.stack(vals, 1).astype(object)], 1) if names else ring
-    meas = ",".join(f'"{k}":%.6g' for k in names)
+    # names are JSON-escaped, then '%' doubled so a class called "50%d" is text, not a format field
+    meas = ",".join(json.dumps(k).replace("%", "%%") + ":%.6g" for k in names)
     fmt = ('{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[%d,%d],[%d,%d],[%d,%d],[%d,%d],[%d,%d]]]},'
            '"properties":{"objectType":"detection","measurements":{' + meas + "}}}")
     body = ",".join([fmt] * n) % tuple(table.ravel().tolist()) if n else ""  # one C-level format call
@@ -102,10 +110,12 @@ def ome_zarr(path: Path, raster: np.ndarray, mpp: float, name: str, min_size: in
         datasets = []
         for i, level in enumerate(levels):
             chunks = (min(512, level.shape[0]), min(512, level.shape[1]))
-            arr = root.create_array(str(i), shape=level.shape, chunks=chunks, dtype="float32", fill_value=np.nan)
+            arr = root.create_array(str(i), shape=level.shape, chunks=chunks, dtype="float32", fill_value=np.nan,
+                                    chunk_key_encoding={"name": "v2", "separator": "/"})  # NGFF 0.4 requires "/"
             arr[:] = level
-            f = mpp * (raster.shape[1] / level.shape[1])
-            datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [f, f]}]})
+            # each axis its own ratio, so rows * scale_y is the raster's physical height
+            fy, fx = mpp * raster.shape[0] / level.shape[0], mpp * raster.shape[1] / level.shape[1]
+            datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [fy, fx]}]})
         root.attrs["multiscales"] = [{
             "version": "0.4", "name": name, "type": "mean",
             "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
@@ -135,3 +145,66 @@ def extreme_patches(folder: Path, reader, coords: np.ndarray, scores: np.ndarray
 
 def summary_json(path: Path, summary: dict) -> None:
     write_text(path, json.dumps(summary, indent=1, default=float))
+
+
+# -- the registry --------------------------------------------------------------------------------------
+
+@dataclass
+class ExportJob:
+    """Everything an export may need for one slide. Exports write under ``folder`` only."""
+
+    folder: Path
+    slide_id: str
+    reader: object  # an open SlideReader
+    raster: np.ndarray  # attention percentile / 100 per raster pixel; NaN off tissue
+    colour: np.ndarray  # the raster through the colormap (RGB uint8)
+    raster_mpp: float
+    coords: np.ndarray  # (N, 2) level-0 top-left of each patch
+    size0: int  # patch edge in level-0 px
+    patch_level: int
+    patch_size_level: int
+    measurements: dict[str, np.ndarray]  # per-patch values, name -> (N,)
+    percentile: np.ndarray  # (N,) attention percentile
+    title: str
+    cmap: str
+    alpha: float
+    top_k: int
+
+
+Export = Callable[[ExportJob], "dict | None"]
+EXPORTS: dict[str, Export] = {}
+
+
+def register_export(name: str):
+    def deco(fn: Export) -> Export:
+        EXPORTS[name] = fn
+        return fn
+    return deco
+
+
+@register_export("png")
+def _png(job: ExportJob) -> None:
+    thumb, _ = job.reader.read_at_mpp(job.raster_mpp)
+    overlay_png(job.folder / "overlay.png", thumb, job.raster, job.colour, job.cmap, job.alpha, job.title)
+
+
+@register_export("tiff")
+def _tiff(job: ExportJob) -> None:
+    heatmap_tiff(job.folder / "heatmap.tiff", job.colour, job.raster_mpp, job.slide_id)
+
+
+@register_export("geojson")
+def _geojson(job: ExportJob) -> None:
+    geojson(job.folder / "patches.geojson", job.coords, job.size0, job.measurements)
+
+
+@register_export("zarr")
+def _zarr(job: ExportJob) -> None:
+    ome_zarr(job.folder / "scores.zarr", job.raster, job.raster_mpp, job.slide_id)
+
+
+@register_export("patches")
+def _patches(job: ExportJob) -> dict:
+    top = extreme_patches(job.folder / "top_k", job.reader, job.coords, job.percentile, job.patch_level,
+                          job.patch_size_level, job.top_k)
+    return {"top_k": top}

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
-from ..errors import WsiMilError
+from ..errors import WsiMilError, one_line
 from .models import create_model
 
 
@@ -36,11 +36,17 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMe
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:
-    with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("wsi_mil")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("wsi_mil")
+    except Exception as exc:  # SafetensorError, OSError: not a safetensors file at all
+        raise WsiMilError(f"{Path(path).name}: not a safetensors checkpoint ({one_line(exc)})") from None
     if raw is None:
         raise WsiMilError(f"{Path(path).name}: not a wsi_mil checkpoint (no metadata)")
-    return CheckpointMeta(**json.loads(raw))
+    try:
+        return CheckpointMeta(**json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise WsiMilError(f"{Path(path).name}: unreadable wsi_mil metadata ({one_line(exc)})") from None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, CheckpointMeta]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import WsiMilError
+from ..userfiles import read_csv_rows
 
 
 @dataclass
@@ -37,8 +37,7 @@ def read_labels(path: str | Path, split_column: str | None = None) -> list[dict]
     path = Path(path)
     if not path.is_file():
         raise WsiMilError(f"train.labels: file not found: {path}")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv_rows(path, "train.labels")
     if not rows or not {"slide_id", "label"} <= set(rows[0]):
         raise WsiMilError(f"{path.name}: labels CSV needs columns slide_id,label")
     if split_column and split_column not in rows[0]:

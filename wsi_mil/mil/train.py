@@ -47,15 +47,14 @@ def _order(labels: np.ndarray, balance: str, gen: torch.Generator, n_classes: in
 
 @torch.no_grad()
 def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 8, device="cpu") -> tuple[np.ndarray, float]:
-    """Class probabilities (n, C) and the mean cross-entropy (nan when labels are absent)."""
+    """Class probabilities (n, C) and the mean cross-entropy over the bags (nan for no bags)."""
     model.eval()
     probs, losses = [], []
     for i in range(0, len(bags), batch_size):
         x, mask, y = collate(bags[i:i + batch_size])
         logits, _ = model(x.to(device), mask.to(device))
         probs.append(torch.softmax(logits.float(), 1).cpu())
-        if (y >= 0).all():
-            losses.append(nn.functional.cross_entropy(logits.float(), y.to(device), reduction="sum").item())
+        losses.append(nn.functional.cross_entropy(logits.float(), y.to(device), reduction="sum").item())
     p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
     return p, (sum(losses) / len(bags)) if losses and len(bags) else math.nan
 

@@ -1,7 +1,8 @@
 """The batch runner every stage goes through: resume, locks, manifest, progress, executors.
 
-A stage supplies a per-slide function and where its one "done" output lives. That output is written
-atomically and last, so its existence means the slide is complete for that stage.
+A stage supplies a per-slide function, where its one "done" output lives, and optionally a check that
+an existing output is really complete (it opens, has the expected datasets and shapes, came from the
+current model). That output is written atomically and last; resuming skips only outputs that pass.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from tqdm.auto import tqdm
 
 from ..atomic import clean_stale_temps
 from ..errors import one_line
+from ..layout import Layout
 from ..slide.discover import SlideRef
-from .executors import Executor, SerialExecutor
+from .base import Executor
+from .executors import SerialExecutor
 from .locks import SlideLock
 from .manifest import Record, update_manifest
 
 log = logging.getLogger(__name__)
+
+
+def exists(path: Path) -> bool:
+    return path.exists()
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,13 @@ class Task:
     output: Path
     lock: Path
     overwrite: bool = False
+    complete: Callable[[Path], bool] = exists  # picklable; an output that fails it is redone
+
+    def done(self) -> bool:
+        try:
+            return self.complete(self.output)
+        except Exception:  # a check that cannot even read the output: not complete
+            return False
 
 
 @dataclass
@@ -59,16 +73,20 @@ class BatchResult:
 def run_task(fn: Callable[[SlideRef], str | None], task: Task) -> Record:
     """Run one slide under its lock. Never raises: failures become a record with a one-line reason."""
     sid = task.slide.slide_id
-    if not task.overwrite and task.output.exists():
+    if not task.overwrite and task.done():
         return Record(sid, task.stage, "skipped", 0.0, "complete output exists")
     lock = SlideLock(task.lock)
-    if not lock.acquire():
+    try:
+        acquired = lock.acquire()
+    except OSError as exc:  # e.g. the output folder became read-only or vanished
+        return Record(sid, task.stage, "failed", 0.0, f"cannot lock: {one_line(exc)}")
+    if not acquired:
         holder = lock.holder() or {}
         return Record(sid, task.stage, "skipped", 0.0,
                       f"locked by pid {holder.get('pid', '?')} on {holder.get('host', '?')}")
     t0 = time.perf_counter()
     try:
-        if not task.overwrite and task.output.exists():  # another run finished it while we waited
+        if not task.overwrite and task.done():  # another run finished it while we waited
             return Record(sid, task.stage, "skipped", 0.0, "complete output exists")
         note = fn(task.slide)
         return Record(sid, task.stage, "done", time.perf_counter() - t0, note or "")
@@ -91,7 +109,7 @@ class _Bound:
 
 def _manifest_view(record: Record, task: Task) -> Record:
     """A slide skipped because its complete output exists is done (e.g. finished just before a crash)."""
-    if record.status == "skipped" and task.output.exists():
+    if record.status == "skipped" and task.done():
         return Record(record.slide_id, record.stage, "done", record.seconds, "complete output exists")
     return record
 
@@ -113,17 +131,22 @@ def run_batch(
     overwrite: bool = False,
     clean_dirs: list[Path] | None = None,
     progress: bool = True,
+    complete: Callable[[Path], bool] = exists,
 ) -> BatchResult:
     """Process ``slides`` with ``fn``; record every outcome in ``out_dir/manifest.csv``."""
-    out_dir = Path(out_dir)
+    layout = Layout(out_dir)
     executor = executor or SerialExecutor()
+    inputs = {s.path for s in slides}
     for folder in clean_dirs or []:
-        n = clean_stale_temps(folder)
+        n = clean_stale_temps(folder, keep=inputs)
         if n:
             log.info("%s: removed %d temp file(s) left by an interrupted run", stage, n)
-    tasks = [Task(stage, s, output_for(s.slide_id), out_dir / ".locks" / stage / f"{s.slide_id}.lock", overwrite)
+    swept = SlideLock.sweep(layout.lock(stage, "x").parent)
+    if swept:
+        log.info("%s: removed %d lock file(s) left by dead processes", stage, swept)
+    tasks = [Task(stage, s, output_for(s.slide_id), layout.lock(stage, s.slide_id), overwrite, complete)
              for s in slides]
-    manifest = out_dir / "manifest.csv"
+    manifest = layout.manifest
     result = BatchResult(stage)
     t0 = time.perf_counter()
 
@@ -132,10 +155,20 @@ def run_batch(
 
     bar = tqdm(total=len(tasks), desc=stage, unit="slide", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
+    unrecorded: list[tuple[Record, Record]] = []
+
+    def record_row(record: Record, view: Record) -> None:
+        try:
+            update_manifest(manifest, [view], _write_if(record))
+        except OSError as exc:  # a full disk must not stop the batch: keep the row, retry at the end
+            if not unrecorded:
+                tqdm.write(f"warning: cannot update {manifest.name} ({one_line(exc)}); will retry", file=sys.stderr)
+            unrecorded.append((record, view))
+
     try:
         for _task, record in executor.imap(_Bound(fn), tasks, lost):
             result.records.append(record)
-            update_manifest(manifest, [_manifest_view(record, _task)], _write_if(record))
+            record_row(record, _manifest_view(record, _task))
             if record.status == "failed":
                 tqdm.write(f"failed: {record.slide_id} ({stage}): {record.reason}", file=sys.stderr)
             bar.update(1)
@@ -143,5 +176,10 @@ def run_batch(
     finally:
         bar.close()
         executor.close()
+    pending, unrecorded = unrecorded, []
+    for record, view in pending:
+        record_row(record, view)
+    if unrecorded:
+        tqdm.write(f"warning: {len(unrecorded)} outcome(s) could not be written to {manifest}", file=sys.stderr)
     result.seconds = time.perf_counter() - t0
     return result

@@ -16,7 +16,7 @@ import os
 import uuid
 
 from ..errors import WsiMilError, one_line
-from .executors import Executor, local_gpus
+from .base import Executor, local_gpus
 
 
 def _pin(dask_worker=None, mapping: dict | None = None) -> None:

@@ -1,31 +1,17 @@
 """Executors run a picklable per-task function over items and yield results as they finish.
 
 Stages never see which executor runs them. ``serial`` and ``process`` are built in; ``dask`` lives in
-:mod:`wsi_mil.runner.dask_executor` and is imported only when asked for.
+:mod:`wsi_mil.runner.dask_executor` and is imported only when asked for. The interface is in
+:mod:`wsi_mil.runner.base`, so neither module imports the other's internals.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
 
-
-class Executor(ABC):
-    """Map ``fn`` over ``items``; yield ``(item, result)`` in completion order.
-
-    ``on_lost(item, reason)`` makes the result for an item whose worker died ``retries`` times.
-    """
-
-    @abstractmethod
-    def imap(self, fn: Callable, items: Iterable, on_lost: Callable[[Any, str], Any]) -> Iterator[tuple[Any, Any]]:
-        ...
-
-    def close(self) -> None:  # noqa: B027 - optional hook; most executors hold nothing
-        """Release workers or cluster connections (nothing by default)."""
+from .base import Executor, local_gpus
 
 
 class SerialExecutor(Executor):
@@ -82,16 +68,6 @@ class ProcessExecutor(Executor):
                                 yield item, on_lost(item, f"worker process died {tries[id(item)]} times")
                             else:
                                 pending.append(item)
-
-
-def local_gpus() -> list[int]:
-    """CUDA device indices on this machine (empty without torch or CUDA)."""
-    try:
-        import torch
-
-        return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    except ImportError:
-        return []
 
 
 def make_executor(kind: str, workers: int = 0, retries: int = 2, dask_address: str | None = None,

@@ -2,7 +2,9 @@
 
 The kernel drops an flock when its process dies, so a lock file left by a dead process is simply
 re-locked by the next run (stale locks are reclaimed without guessing from ages). After locking we check
-that the file we hold is still the one at the path, which closes the unlink/relock race.
+that the file we hold is still the one at the path, which closes the unlink/relock race. ``sweep`` removes
+the lock files whose holder is gone (a process killed between its output's rename and its unlock), so
+they do not outlive the run that left them.
 """
 
 from __future__ import annotations
@@ -47,10 +49,25 @@ class SlideLock:
             if not same:  # the holder released (unlinked) between our open and lock: retry
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": HOST, "time": time.time()}).encode())
+            try:  # who holds it, for humans; the flock alone is the lock (so a full disk cannot break it)
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "host": HOST, "time": time.time()}).encode())
+            except OSError:
+                pass
             self._fd = fd
             return True
+
+    @staticmethod
+    def sweep(folder: str | Path) -> int:
+        """Remove every lock file under ``folder`` that no live process holds; returns how many."""
+        folder = Path(folder)
+        n = 0
+        for path in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+            lock = SlideLock(path)
+            if lock.acquire():  # nobody holds it: the kernel dropped a dead holder's flock
+                lock.release()  # unlinks it
+                n += 1
+        return n
 
     def release(self) -> None:
         if self._fd is not None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WsiMilError
+from ..layout import check_name
+from ..userfiles import read_csv_rows
 
 
 @dataclass(frozen=True)
@@ -16,8 +17,7 @@ class SlideRef:
 
 
 def _from_csv(path: Path) -> list[Path]:
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv_rows(path, "slide CSV")
     if not rows:
         return []
     column = next((c for c in ("path", "slide_path", "slide") if c in rows[0]), None)
@@ -40,7 +40,7 @@ def discover_slides(source: str | Path, extensions: list[str], recursive: bool =
         raise WsiMilError(f"--slides: no such folder or CSV: {source}")
     refs: dict[str, SlideRef] = {}
     for p in paths:
-        sid = p.stem
+        sid = check_name(p.stem if p.suffix else p.name)
         if sid in refs:
             raise WsiMilError(f"duplicate slide_id '{sid}': {refs[sid].path} and {p}; rename one of them")
         refs[sid] = SlideRef(sid, p)

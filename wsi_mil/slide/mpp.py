@@ -6,11 +6,11 @@ Order: override CSV > reader mpp properties > TIFF resolution tags (with unit) >
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
 from ..errors import SlideError
+from ..userfiles import read_csv_rows
 
 log = logging.getLogger(__name__)
 PLAUSIBLE = (0.02, 50.0)  # µm/px; outside this a tag is a placeholder (e.g. 72 dpi), not a scan resolution
@@ -35,8 +35,7 @@ def load_mpp_csv(path: str | Path | None) -> dict[str, float]:
     path = Path(path)
     if not path.is_file():
         raise SlideError(f"slides.mpp_csv not found: {path}")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv_rows(path, "slides.mpp_csv")
     if rows and not {"slide_id", "mpp"} <= set(rows[0]):
         raise SlideError(f"{path.name}: mpp CSV needs columns slide_id,mpp")
     out = {}

@@ -41,21 +41,31 @@ class SlideReader:
         tries = BACKENDS if backend == "auto" else (backend,)
         reasons = []
         for name in tries:
+            slide = None
             try:
-                self._slide = _open_backend(self.path, name)
-                self.backend = name
+                slide = _open_backend(self.path, name)
+                # backends parse lazily: a truncated file can open, then fail on its first page
+                dims = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
+                downsamples = tuple(float(d) for d in slide.level_downsamples)
+                props = dict(slide.properties)
+                if not dims:
+                    raise SlideError("no image levels")
+                self._slide, self.backend = slide, name
                 break
-            except SlideError:
-                raise
             except Exception as exc:  # each backend raises its own types
                 reasons.append(f"{name}: {one_line(exc)}")
+                if slide is not None:
+                    try:
+                        slide.close()
+                    except Exception:
+                        pass
         else:
-            raise SlideError(f"{self.path.name}: cannot open slide ({'; '.join(reasons)})")
-        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
-            (int(w), int(h)) for w, h in self._slide.level_dimensions
-        )
-        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._slide.level_downsamples)
-        self.properties: dict = dict(self._slide.properties)
+            size = self.path.stat().st_size
+            raise SlideError(f"{self.path.name}: cannot open slide ({size:,} bytes; truncated, corrupt or not a "
+                             f"slide format: {'; '.join(reasons)})")
+        self.level_dimensions: tuple[tuple[int, int], ...] = dims
+        self.level_downsamples: tuple[float, ...] = downsamples
+        self.properties: dict = props
         self.mpp: float | None = None
         self.mpp_source: str | None = None
 

@@ -1,4 +1,4 @@
-"""Stage glue: each stage is a pure per-slide function plus where its outputs live.
-
-The CLI and ``pipelines/`` look stages up here; the batch mechanics live in :mod:`wsi_mil.runner`.
+"""Stage glue, wired to the runner. ``tile``, ``extract`` and ``heatmap`` are per-slide functions run as
+batches (:mod:`.base`); ``train`` and ``predict`` work on a whole cohort of cached features. Stages never
+import each other: what they share lives below them (layout, features, mil, heatmap, runner).
 """

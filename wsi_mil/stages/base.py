@@ -8,6 +8,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 from ..config import Config
+from ..layout import Layout
 from ..runner import BatchResult, make_executor, run_batch
 from ..slide import SlideRef, open_slide
 from ..slide.mpp import load_mpp_csv
@@ -16,23 +17,12 @@ from ..slide.mpp import load_mpp_csv
 @dataclass(frozen=True)
 class SlideStage:
     name: str
-    process: Callable[..., str | None]  # process(slide: SlideRef, cfg: Config, out: Path) -> note
-    output: Callable[[Path, str, Config], Path]  # the one file whose existence means "done"
-    folders: Callable[[Path, Config], list[Path]]  # where temp leftovers may be
+    process: Callable[..., str | None]  # process(slide: SlideRef, cfg: Config, layout: Layout) -> note
+    output: Callable[[Layout, str, Config], Path]  # the one file whose existence means "done"
+    folders: Callable[[Layout, Config], list[Path]]  # where temp leftovers may be
+    complete: Callable[[Path, Config], bool] | None = None  # is an existing output really complete?
     gpu: bool = False
-    setup: Callable[[Config, Path], object] | None = None  # run once before the batch (fail fast, one line)
-
-
-_PROCESS_CACHE: dict[str, tuple[str, object]] = {}
-
-
-def per_process(name: str, key: str, build: Callable[[], object]):
-    """One heavy object (an encoder on its device, a fold ensemble) per process, rebuilt when ``key`` changes."""
-    hit = _PROCESS_CACHE.get(name)
-    if hit is None or hit[0] != key:
-        _PROCESS_CACHE.pop(name, None)  # free the old one before building the new one
-        _PROCESS_CACHE[name] = (key, build())
-    return _PROCESS_CACHE[name][1]
+    setup: Callable[[Config, Layout], object] | None = None  # run once before the batch (fail fast, one line)
 
 
 @lru_cache(maxsize=8)
@@ -46,15 +36,17 @@ def open_configured(slide: SlideRef, cfg: Config):
     return open_slide(slide.path, cfg.slides, _overrides(csv), slide.slide_id)
 
 
-def run_stage(stage: SlideStage, slides: list[SlideRef], cfg: Config, out: Path,
+def run_stage(stage: SlideStage, slides: list[SlideRef], cfg: Config, out: Path | Layout,
               progress: bool = True) -> BatchResult:
-    out = Path(out)
+    layout = out if isinstance(out, Layout) else Layout(out)
     if stage.setup is not None:
-        stage.setup(cfg, out)
+        stage.setup(cfg, layout)
     r = cfg.runner
     executor = make_executor(r.executor, r.workers, r.retries, r.dask_address,
                              resources={"GPU": 1} if stage.gpu else None)
+    kw = {"complete": partial(stage.complete, cfg=cfg)} if stage.complete else {}
     return run_batch(
-        stage.name, slides, partial(stage.process, cfg=cfg, out=out),
-        lambda sid: stage.output(out, sid, cfg), out, executor, r.overwrite, stage.folders(out, cfg), progress,
+        stage.name, slides, partial(stage.process, cfg=cfg, layout=layout),
+        lambda sid: stage.output(layout, sid, cfg), layout.root, executor, r.overwrite,
+        stage.folders(layout, cfg), progress, **kw,
     )

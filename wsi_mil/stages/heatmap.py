@@ -1,12 +1,13 @@
 """Stage 4: attention heatmaps from cached features -> ``heatmaps/<run_name>/<slide_id>/``.
 
-Per slide: scores.h5 (per-patch attention logits, softmax attention, percentiles), overlay.png,
-heatmap.tiff (pyramidal, with mpp), patches.geojson (QuPath detections), scores.zarr (OME-NGFF 0.4),
-top_k/ patches, and summary.json (written last: its existence marks the slide done).
+Per slide: scores.h5 (per-patch attention logits, softmax attention, percentiles), then every export in
+``heatmap.exports`` (see :mod:`wsi_mil.heatmap.export`), and summary.json last: its existence, naming the
+current model's ``model_id``, marks the slide done. A slide mapped with another model is redone.
 """
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,57 +16,54 @@ import numpy as np
 import torch
 
 from ..config import Config, config_to_dict
-from ..errors import WsiMilError
+from ..device import cpu_precision
+from ..errors import ConfigError, WsiMilError
 from ..h5io import read_coords, write_h5
 from ..heatmap import export
 from ..heatmap.raster import clip_to_tissue, colorize, raster_downsample, score_raster, smooth
 from ..heatmap.scores import percentile_rank, softmax
+from ..layout import Layout, encoder_id
 from ..mil.checkpoint import check_compatible
 from ..mil.data import load_features
+from ..mil.ensemble import Ensemble, model_files, model_id
+from ..runner import per_process
 from ..slide import SlideRef
-from .base import SlideStage, open_configured, per_process
-from .predict import Ensemble, native_bf16
+from .base import SlideStage, open_configured
 
 
-def run_path(out: Path, cfg: Config) -> Path:
+def run_path(layout: Layout, cfg: Config) -> Path:
     """``heatmap.run`` as a run name under ``models/``, or a path to a run folder or checkpoint."""
     run = cfg.heatmap.run or cfg.train.run_name
-    return Path(run) if ("/" in run or Path(run).suffix == ".safetensors") else Path(out) / "models" / run
+    return Path(run) if ("/" in run or Path(run).suffix == ".safetensors") else layout.run_dir(run)
 
 
 def run_name(cfg: Config) -> str:
     return Path(cfg.heatmap.run or cfg.train.run_name).stem
 
 
-def ensemble(out: Path, cfg: Config) -> Ensemble:
-    """The run's fold models, loaded once per process (reloaded if the checkpoints change)."""
-    from .predict import checkpoint_files
-
-    path = run_path(out, cfg)
-    key = str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in checkpoint_files(path)])
-    return per_process("ensemble", key, lambda: Ensemble(path))
+def ensemble(layout: Layout, cfg: Config) -> Ensemble:
+    """The run's fold models, loaded once per process (reloaded when the model changes)."""
+    path = run_path(layout, cfg)
+    key = str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in model_files(path)])
+    return per_process("ensemble", key + model_id(path), lambda: Ensemble(path))
 
 
-def slide_dir(out: Path, slide_id: str, cfg: Config) -> Path:
-    return Path(out) / "heatmaps" / run_name(cfg) / slide_id
+def summary_path(layout: Layout, slide_id: str, cfg: Config) -> Path:
+    return layout.heatmap_summary(run_name(cfg), slide_id)
 
 
-def summary_path(out: Path, slide_id: str, cfg: Config) -> Path:
-    return slide_dir(out, slide_id, cfg) / "summary.json"
-
-
-def _load_features(out: Path, slide_id: str, ens: Ensemble):
-    path = Path(out) / "features" / ens.meta.encoder_id / f"{slide_id}.h5"
+def _load_features(layout: Layout, slide_id: str, ens: Ensemble):
+    path = layout.features(ens.meta.encoder_id, slide_id)
     if not path.is_file():
-        raise WsiMilError(f"{slide_id}: no {path.relative_to(out)}; run 'wsi-mil extract' first")
+        raise WsiMilError(f"{slide_id}: no {path.relative_to(layout.root)}; run 'wsi-mil extract' first")
     feats = load_features(path)
     coords, attrs = read_coords(path)
     check_compatible(ens.meta, int(feats.shape[1]), ens.meta.encoder_id, path.name)
     return feats, coords, attrs
 
 
-def _tissue_mask(out: Path, slide_id: str) -> np.ndarray | None:
-    mask = cv2.imread(str(Path(out) / "masks" / f"{slide_id}.mask.png"), cv2.IMREAD_GRAYSCALE)
+def _tissue_mask(layout: Layout, slide_id: str) -> np.ndarray | None:
+    mask = cv2.imread(str(layout.mask(slide_id, "mask.png")), cv2.IMREAD_GRAYSCALE)
     return None if mask is None else mask > 127
 
 
@@ -73,10 +71,9 @@ def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attr
            mask: np.ndarray | None, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """Extra patches on a denser grid (only the new ones are extracted, with the same encoder), scored by the
     attention branch alone, as percentiles against the base grid's scores."""
-    from ..features.encoders import encoder_id
-    from ..features.engine import extract_patches
+    from ..features.dataset import patch_dataset
+    from ..features.engine import extract_patches, prepared_encoder
     from ..tiling import box_fractions, grid_axes
-    from .extract import patch_dataset, prepared
 
     if encoder_id(cfg.encoder.name) != ens.meta.encoder_id:
         raise WsiMilError(f"heatmap.refine needs encoder.name matching the model's encoder '{ens.meta.encoder_id}'")
@@ -93,29 +90,29 @@ def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attr
     new = np.array([c for c in dense.tolist() if tuple(c) not in known], np.int64).reshape(-1, 2)
     if len(new) == 0:
         return new, np.zeros(0)
-    prep = prepared(cfg)
+    prep = prepared_encoder(cfg.encoder, cfg.extract)
     feats, _ = extract_patches(prep, patch_dataset(slide.path, new, attrs, prep.encoder.input_size,
                                                    cfg.extract.read_group), cfg.extract)
     _, att = ens(torch.from_numpy(feats), precision)  # same precision as the base grid it is ranked against
     return new, percentile_rank(att, base_scores)
 
 
-def heatmap_slide(slide: SlideRef, cfg: Config, out: Path) -> str:
+def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
     h = cfg.heatmap
-    ens = ensemble(out, cfg)
-    feats, coords, attrs = _load_features(out, slide.slide_id, ens)
-    precision = h.precision if h.precision != "auto" else ("bf16" if native_bf16() else "fp32")
-    probs, att = ens(feats, precision)
-    if len(coords) == 0:  # glass only: a prediction on the empty bag is all there is
-        export.summary_json(summary_path(out, slide.slide_id, cfg), {
-            "slide_id": slide.slide_id, "prediction": None, "n_patches": 0, "run": run_name(cfg),
-            "note": "0 patches (no tissue): nothing to map"})
+    ens = ensemble(layout, cfg)
+    feats, coords, attrs = _load_features(layout, slide.slide_id, ens)
+    base = {"slide_id": slide.slide_id, "run": run_name(cfg), "model_id": ens.model_id}
+    if len(coords) == 0:  # glass only: there is nothing to map and no prediction to make
+        export.summary_json(summary_path(layout, slide.slide_id, cfg), {
+            **base, "prediction": None, "n_patches": 0, "note": "0 patches (no tissue): nothing to map"})
         return "0 patches: nothing to map"
+    precision = cpu_precision(h.precision)
+    probs, att = ens(feats, precision)
     attention = softmax(att)
     pct = percentile_rank(att)
     pred = ens.classes[int(np.argmax(probs))]
-    folder = slide_dir(out, slide.slide_id, cfg)
-    mask = _tissue_mask(out, slide.slide_id)
+    folder = layout.heatmap_dir(run_name(cfg), slide.slide_id)
+    mask = _tissue_mask(layout, slide.slide_id)
     size0 = float(attrs["patch_size_level0"])
     all_coords, all_pct = coords, pct
     if h.refine:
@@ -129,52 +126,54 @@ def heatmap_slide(slide: SlideRef, cfg: Config, out: Path) -> str:
     write_h5(folder / "scores.h5",
              {"coords": coords, "attention_logits": att.astype(np.float32), "attention": attention.astype(np.float32),
               "attention_percentile": pct.astype(np.float32)},
-             {"coords": attrs, "/": {"slide_id": slide.slide_id, "run": run_name(cfg)}})
-    colour = colorize(raster, h.cmap)
-    top: list[dict] = []
+             {"coords": attrs, "/": {**base}})
+    measurements = {"attention": att, "attention_percentile": pct}
+    measurements.update({f"prob_{c}": np.full(len(coords), p) for c, p in zip(ens.classes, probs)})
+    extra: dict = {}
     with open_configured(slide, cfg) as reader, ThreadPoolExecutor(2) as pool:
+        job = export.ExportJob(
+            folder=folder, slide_id=slide.slide_id, reader=reader, raster=raster, colour=colorize(raster, h.cmap),
+            raster_mpp=slide_mpp * ds, coords=coords, size0=int(round(size0)), patch_level=int(attrs["patch_level"]),
+            patch_size_level=int(attrs["patch_size_level"]), measurements=measurements, percentile=pct,
+            title=f"{slide.slide_id}  pred: {pred} ({probs.max():.2f})", cmap=h.cmap, alpha=h.alpha, top_k=h.top_k)
         # exports are independent and mostly encode outside the GIL: two threads overlap them
-        jobs = []
-        if "png" in h.exports:
-            def overlay():
-                thumb, _ = reader.read_at_mpp(slide_mpp * ds)
-                title = f"{slide.slide_id}  pred: {pred} ({probs.max():.2f})"
-                export.overlay_png(folder / "overlay.png", thumb, raster, colour, h.cmap, h.alpha, title)
-            jobs.append(pool.submit(overlay))
-        if "patches" in h.exports:
-            jobs.append(pool.submit(export.extreme_patches, folder / "top_k", reader, coords, pct,
-                                    int(attrs["patch_level"]), int(attrs["patch_size_level"]), h.top_k))
-        if "tiff" in h.exports:
-            jobs.append(pool.submit(export.heatmap_tiff, folder / "heatmap.tiff", colour, slide_mpp * ds,
-                                    slide.slide_id))
-        if "geojson" in h.exports:
-            measurements = {"attention": att, "attention_percentile": pct}
-            measurements.update({f"prob_{c}": np.full(len(coords), p) for c, p in zip(ens.classes, probs)})
-            jobs.append(pool.submit(export.geojson, folder / "patches.geojson", coords, int(round(size0)),
-                                    measurements))
-        if "zarr" in h.exports:
-            jobs.append(pool.submit(export.ome_zarr, folder / "scores.zarr", raster, slide_mpp * ds, slide.slide_id))
-        for job in jobs:
-            result = job.result()  # re-raises an export's error
-            if isinstance(result, list):
-                top = result
-    export.summary_json(summary_path(out, slide.slide_id, cfg), {
-        "slide_id": slide.slide_id, "prediction": pred,
-        "probabilities": dict(zip(ens.classes, map(float, probs))),
-        "run": run_name(cfg), "model": ens.meta.model["name"], "n_models": len(ens.models),
+        for result in [f.result() for f in [pool.submit(export.EXPORTS[name], job) for name in h.exports]]:
+            extra.update(result or {})
+    export.summary_json(summary_path(layout, slide.slide_id, cfg), {
+        **base, "prediction": pred, "probabilities": dict(zip(ens.classes, map(float, probs))),
+        "model": ens.meta.model["name"], "n_models": len(ens.models),
         "encoder_id": ens.meta.encoder_id, "n_patches": int(len(coords)),
         "n_refined_patches": int(len(all_coords) - len(coords)), "raster_mpp": slide_mpp * ds,
         "raster_downsample": ds, "raster_shape": list(raster.shape), "precision": precision,
-        "heatmap": config_to_dict(h),
-        "top_k": top,
+        "heatmap": config_to_dict(h), **extra,
     })
     return f"{pred} ({probs.max():.2f}), {len(coords)} patches"
+
+
+def check_exports(cfg: Config) -> None:
+    unknown = [e for e in cfg.heatmap.exports if e not in export.EXPORTS]
+    if unknown:
+        raise ConfigError(f"config error: heatmap.exports: unknown export {unknown[0]!r} "
+                          f"(choose from {', '.join(sorted(export.EXPORTS))})")
+
+
+def setup(cfg: Config, layout: Layout) -> None:
+    check_exports(cfg)
+    ensemble(layout, cfg)
+
+
+def _complete(path: Path, cfg: Config) -> bool:
+    """Done only if its summary parses and names the model the run holds now."""
+    summary = json.loads(path.read_text())
+    layout = Layout(path.parents[3])  # heatmaps/<run>/<slide>/summary.json
+    return summary.get("model_id") == model_id(run_path(layout, cfg))
 
 
 STAGE = SlideStage(
     name="heatmap",
     process=heatmap_slide,
     output=summary_path,
-    folders=lambda out, cfg: [Path(out) / "heatmaps" / run_name(cfg)],
-    setup=lambda cfg, out: ensemble(out, cfg),
+    folders=lambda layout, cfg: [layout.heatmaps_dir(run_name(cfg))],
+    complete=_complete,
+    setup=setup,
 )

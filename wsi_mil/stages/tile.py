@@ -1,4 +1,7 @@
-"""Stage 1: tissue mask -> patch grid -> ``patches/<slide_id>.h5`` (+ masks and QC under ``masks/``)."""
+"""Stage 1: tissue mask -> patch grid -> ``patches/<slide_id>.h5`` (+ masks and QC under ``masks/``).
+
+The ``coords`` attributes are read unchanged by CLAM and TRIDENT (see :mod:`wsi_mil.tiling`).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,12 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text
 from ..config import Config, config_to_dict
-from ..h5io import write_h5
+from ..h5io import check_patch_file, write_h5
+from ..layout import Layout
 from ..qc import contour_qc, grid_qc, write_png
 from ..slide import SlideRef
-from ..tiling import Grid, make_grid, patch_read_geometry
-from ..tissue import detect_tissue, geojson_to_mask, load_user_geojson, mask_to_geojson
+from ..tiling import Grid, make_grid, patch_read_geometry, reader_attrs
+from ..tissue import detect_tissue, load_user_geojson, mask_to_geojson
 from .base import SlideStage, open_configured
 
 
@@ -33,9 +37,9 @@ class TileResult:
 def segment(reader, cfg: Config, slide_id: str) -> tuple[np.ndarray, np.ndarray, float, str]:
     """Thumbnail at ``tissue.mpp``, its tissue mask, level-0 px per mask px, and where the mask came from."""
     thumb, scale = reader.read_at_mpp(cfg.tissue.mpp)
-    user = load_user_geojson(cfg.tissue.geojson_dir, slide_id)
+    user = load_user_geojson(cfg.tissue.geojson_dir, slide_id, thumb.shape[:2], scale)
     if user is not None:
-        return thumb, geojson_to_mask(user, thumb.shape[:2], scale), scale, "user_geojson"
+        return thumb, user, scale, "user_geojson"
     return thumb, detect_tissue(thumb, scale * reader.mpp, cfg.tissue), scale, "auto"
 
 
@@ -45,24 +49,16 @@ def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
     w0, h0 = reader.dimensions
     grid = make_grid(w0, h0, reader.mpp, mask, scale, cfg.tiling)
     level, size_at_level = patch_read_geometry(reader, cfg.tiling.target_mpp, grid.patch_size_level0)
-    ds = reader.level_downsamples[level]
     attrs = {
-        # CLAM's names
-        "patch_size": cfg.tiling.patch_size,
-        "patch_level": level,
-        "downsample": np.array([ds, ds], np.float64),
-        "level_dim": np.array(reader.level_dimensions[level], np.int64),
-        "name": slide_id,
-        # physical description
-        "patch_size_level0": int(round(grid.patch_size_level0)),
+        **reader_attrs(reader, level, size_at_level, grid, cfg.tiling, slide_id),
+        # our physical description
+        "patch_size_target": int(cfg.tiling.patch_size),
         "patch_size_level": size_at_level,
         "step_level0": float(grid.step_level0),
         "target_mpp": float(cfg.tiling.target_mpp),
         "slide_mpp": float(reader.mpp),
         "mpp_source": reader.mpp_source,
-        "level0_width": int(w0),
-        "level0_height": int(h0),
-        "overlap": float(cfg.tiling.overlap),
+        "overlap_fraction": float(cfg.tiling.overlap),
         "min_tissue_fraction": float(cfg.tiling.min_tissue_fraction),
         "grid_cols": grid.shape[0],
         "grid_rows": grid.shape[1],
@@ -76,39 +72,41 @@ def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
     return TileResult(slide_id, thumb, mask, scale, source, grid, attrs)
 
 
-def patches_path(out: Path, slide_id: str, cfg: Config | None = None) -> Path:
-    return Path(out) / "patches" / f"{slide_id}.h5"
-
-
-def write_tiles(result: TileResult, out: Path) -> None:
+def write_tiles(result: TileResult, layout: Layout) -> None:
     """Masks and QC first, the patch file last (its existence marks the slide done)."""
-    sid, masks = result.slide_id, Path(out) / "masks"
-    write_png(masks / f"{sid}.mask.png", result.mask.astype(np.uint8) * 255)
-    write_png(masks / f"{sid}.qc.png", contour_qc(result.thumb, result.mask))
+    sid = result.slide_id
+    write_png(layout.mask(sid, "mask.png"), result.mask.astype(np.uint8) * 255)
+    write_png(layout.mask(sid, "qc.png"), contour_qc(result.thumb, result.mask))
     g = result.grid
-    write_png(masks / f"{sid}.grid.png",
+    write_png(layout.mask(sid, "grid.png"),
               grid_qc(result.thumb, result.mask_scale, g.cells, g.shape, g.step_level0, g.patch_size_level0))
-    write_text(masks / f"{sid}.tissue.geojson", json.dumps(mask_to_geojson(result.mask, result.mask_scale)))
+    write_text(layout.mask(sid, "tissue.geojson"), json.dumps(mask_to_geojson(result.mask, result.mask_scale)))
     write_h5(
-        patches_path(out, sid),
+        layout.patches(sid),
         {"coords": g.coords, "grid_index": g.cells, "tissue_fraction": g.tissue_fraction},
         {"coords": result.attrs, "/": {"slide_id": sid, "stage": "tile"}},
     )
 
 
-def tile_slide(slide: SlideRef, cfg: Config, out: Path) -> str | None:
+def tile_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str | None:
     with open_configured(slide, cfg) as reader:
         result = compute_tiles(reader, cfg, slide.slide_id)
-    write_tiles(result, out)
+    write_tiles(result, layout)
     n = len(result.grid.coords)
     return "no tissue found: 0 patches" if n == 0 else f"{n} patches"
+
+
+def _complete(path: Path, cfg: Config) -> bool:
+    check_patch_file(path)
+    return True
 
 
 STAGE = SlideStage(
     name="tile",
     process=tile_slide,
-    output=patches_path,
-    folders=lambda out, cfg: [Path(out) / "patches", Path(out) / "masks"],
+    output=lambda layout, sid, cfg: layout.patches(sid),
+    folders=lambda layout, cfg: [layout.patches_dir, layout.masks_dir],
+    complete=_complete,
 )
 
 __all__ = ["STAGE", "TileResult", "compute_tiles", "segment", "tile_slide", "write_tiles"]

@@ -2,7 +2,11 @@
 
 Outputs: ``fold_<k>.safetensors`` (weights + metadata), ``splits.csv``, ``predictions.csv`` (out-of-fold
 probabilities for every slide), ``history.csv`` + ``curves.png``, ``label_map.json``, ``config.yaml``,
-``summary.json`` (per-fold metrics and mean ± std).
+``summary.json`` (per-fold metrics and mean ± std, and the list of fold files).
+
+The run is built in a temp folder next to its final place and swapped in whole once ``summary.json`` is
+written, so a killed train leaves the previous run (or none) and never a partial one, and a retrain
+with fewer folds leaves no old fold behind.
 """
 
 from __future__ import annotations
@@ -14,23 +18,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..atomic import atomic_path, write_csv, write_text
+from ..atomic import atomic_path, clean_stale_temps, file_sha256, write_csv, write_text
 from ..config import Config, config_to_dict
 from ..errors import WsiMilError
-from ..features.encoders import encoder_id
+from ..layout import Layout, encoder_id
 from ..mil.checkpoint import CheckpointMeta, save_checkpoint
 from ..mil.data import BagSet, load_bagset
+from ..mil.ensemble import write_run_summary
 from ..mil.metrics import classification_metrics, mean_std
 from ..mil.splits import fixed_split, kfold_splits
 from ..mil.train import fit, predict_bags
 
 
-def default_features_dir(out: Path, cfg: Config) -> Path:
-    return Path(cfg.train.features) if cfg.train.features else Path(out) / "features" / encoder_id(cfg.encoder.name)
-
-
-def run_dir(out: Path, cfg: Config, name: str | None = None) -> Path:
-    return Path(out) / "models" / (name or cfg.train.run_name)
+def features_dir(layout: Layout, cfg: Config) -> Path:
+    return Path(cfg.train.features) if cfg.train.features else layout.features_dir(encoder_id(cfg.encoder.name))
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -56,7 +57,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
 
 
 def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -> dict:
-    """Train every fold, write every output, return the summary."""
+    """Train every fold and write every output into ``out_dir`` (summary.json last); return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     bags = data.bags
     y = np.array([b.label for b in bags])
@@ -65,7 +66,7 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
     splits = (fixed_split([b.split for b in bags]) if t.split_column
               else kfold_splits(y, groups, t.folds, t.val_fraction, t.seed))
     classes = sorted(data.label_map, key=data.label_map.get)
-    split_rows, history, fold_metrics = [], [], []
+    split_rows, history, fold_metrics, fold_files, fold_sha = [], [], [], [], []
     oof = np.full((len(bags), len(classes)), np.nan)
     fold_of = np.full(len(bags), -1)
     for fold, (tr, va, te) in enumerate(splits):
@@ -78,6 +79,8 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
         meta = CheckpointMeta(config_to_dict(cfg.model), data.label_map, data.feature_dim, data.encoder_id,
                               fold, res.best_epoch, config_to_dict(cfg))
         save_checkpoint(out_dir / f"fold_{fold}.safetensors", res.model, meta)
+        fold_files.append(f"fold_{fold}.safetensors")
+        fold_sha.append(file_sha256(out_dir / f"fold_{fold}.safetensors"))
         if len(te):
             probs, _ = predict_bags(res.model, [bags[i] for i in te])
             oof[te], fold_of[te] = probs, fold
@@ -98,28 +101,31 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
     write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     tested = ~np.isnan(oof).any(1)
     summary = {
-        "run": out_dir.name, "model": cfg.model.name, "encoder_id": data.encoder_id,
+        "run": cfg.train.run_name, "model": cfg.model.name, "fold_files": fold_files, "fold_sha256": fold_sha, "encoder_id": data.encoder_id,
         "feature_dim": data.feature_dim, "classes": classes, "n_slides": len(bags), "n_folds": len(splits),
         "folds": fold_metrics,
         "mean_std": mean_std(fold_metrics) if fold_metrics else {},
         "pooled_out_of_fold": classification_metrics(y[tested], oof[tested], classes) if tested.any() else {},
         "skipped": {"no_features": data.no_features, "no_label": data.no_label},
     }
-    write_text(out_dir / "summary.json", json.dumps(summary, indent=1, default=float))
+    write_run_summary(out_dir, summary)  # last: it marks the run complete
     return summary
 
 
-def train_command(args, cfg: Config) -> int:
+def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Path]:
+    """Train ``cfg.train.run_name`` on the cached features; returns the summary and the run folder."""
     if cfg.train.labels is None:
         raise WsiMilError("train.labels is required: a CSV with slide_id,label[,patient_id] (e.g. train.labels=labels.csv)")
-    data = load_bagset(default_features_dir(args.out, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column)
+    data = load_bagset(features_dir(layout, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column)
     for what, ids in (("labelled slides without features", data.no_features),
                       ("feature files without a label", data.no_label)):
         if ids:
             print(f"skipped {len(ids)} {what}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
-    out_dir = run_dir(args.out, cfg)
-    summary = train_cv(data, cfg, out_dir, progress=not args.no_progress)
+    final = layout.run_dir(cfg.train.run_name)
+    clean_stale_temps(layout.models_dir)  # runs a killed train left half-built
+    with atomic_path(final) as tmp:
+        summary = train_cv(data, cfg, tmp, progress=progress)
     ms = summary["mean_std"].get("auroc")
     auroc = f"AUROC {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms else "no test folds"
-    print(f"train: {len(data.bags)} slides, {summary['model']} on {data.encoder_id} features; {auroc}; -> {out_dir}")
-    return 0
+    print(f"train: {len(data.bags)} slides, {summary['model']} on {data.encoder_id} features; {auroc}; -> {final}")
+    return summary, final

@@ -1,0 +1,281 @@
+"""Our files as the field's tools read them. Each reader's contract is restated here from its sources
+(QuPath's PathClass type adapter, CLAM's patch/feature datasets, TRIDENT's WSIPatcher and folder layout,
+torchmil's WSIDataset, OME-NGFF 0.4); none of their code is used."""
+
+import csv
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import CMU, needs_real
+
+from wsi_mil.cli import main
+from wsi_mil.config import load_config
+from wsi_mil.features.dataset import patch_dataset
+from wsi_mil.h5io import read_coords
+from wsi_mil.heatmap import export
+from wsi_mil.layout import Layout
+from wsi_mil.slide import SlideReader, SlideRef
+from wsi_mil.stages.tile import tile_slide
+from wsi_mil.synthetic import SyntheticSpec, write_slide
+
+ENC = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0", "extract.batch_size=16"]
+
+
+# -- QuPath ---------------------------------------------------------------------------------------------
+
+def qupath_accepts_classification(value) -> bool:
+    """QuPath's PathClass reader (GsonTools.PathClassTypeAdapter, 0.4-0.7): null, a string, an empty object
+    or one with colorRGB/parentClass (its own old form), or an object with name|names AND color."""
+    if value is None or isinstance(value, str):
+        return True
+    if not isinstance(value, dict):
+        return False
+    if not value or "colorRGB" in value or "parentClass" in value:
+        return True
+    return ("name" in value or "names" in value) and "color" in value
+
+
+def _features(geo: dict) -> list[dict]:
+    assert geo["type"] == "FeatureCollection"
+    return geo["features"]
+
+
+def test_tissue_geojson_classification_is_one_qupath_accepts(slide_factory, tmp_path):
+    path = slide_factory("qp1", width=3000, height=2400, mpp=0.5, seed=21)
+    layout = Layout(tmp_path)
+    tile_slide(SlideRef("qp1", path), load_config(), layout)
+    feats = _features(json.loads(layout.mask("qp1", "tissue.geojson").read_text()))
+    assert feats
+    for f in feats:
+        cls = f["properties"]["classification"]
+        assert qupath_accepts_classification(cls), cls
+        assert cls["name"] == "Tissue" and len(cls["color"]) == 3
+    assert not qupath_accepts_classification({"name": "Tissue"})  # the rule really refuses the old form
+
+
+@pytest.mark.parametrize("form", ["string", "object"])
+def test_user_geojson_is_read_in_both_qupath_classification_forms(slide_factory, tmp_path, form):
+    path = slide_factory("qp2", width=3000, height=2400, mpp=0.5, seed=22)
+    cls = "Tissue" if form == "string" else {"name": "Tissue", "color": [0, 170, 0]}
+    square = [[400, 400], [1400, 400], [1400, 1400], [400, 1400], [400, 400]]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "qp2.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+         "properties": {"objectType": "annotation", "classification": cls}}]}))
+    layout = Layout(tmp_path / "out")
+    tile_slide(SlideRef("qp2", path), load_config(None, [f"tissue.geojson_dir={user}"]), layout)
+    coords, attrs = read_coords(layout.patches("qp2"))
+    assert attrs["tissue_source"] == "user_geojson" and len(coords)
+    assert coords.min() >= 400 - attrs["patch_size_level0"] and coords.max() <= 1400
+
+
+def test_a_bad_user_geojson_names_the_file(slide_factory, tmp_path):
+    path = slide_factory("qp3", width=2000, height=2000, mpp=0.5, seed=23)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "qp3.geojson").write_text("{not json")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(path, slides / "qp3.svs")
+    out = tmp_path / "out"
+    assert main(["tile", "--slides", str(slides), "--out", str(out), "--no-progress",
+                 f"tissue.geojson_dir={user}"]) == 1
+    with (out / "manifest.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert row["status"] == "failed" and "qp3.geojson" in row["reason"] and "not valid JSON" in row["reason"]
+
+
+def test_patch_geojson_parses_with_awkward_class_names(tmp_path):
+    coords = np.array([[0, 0], [256, 0]])
+    names = {"attention": np.array([0.1, 0.2]), 'prob_tu"mour': np.array([0.3, 0.3]),
+             "prob_nor\\mal": np.array([0.7, 0.7]), "prob_50%d": np.array([0.5, 0.5])}
+    export.geojson(tmp_path / "p.geojson", coords, 256, names)
+    geo = json.loads((tmp_path / "p.geojson").read_text())
+    meas = _features(geo)[1]["properties"]["measurements"]
+    assert meas == {"attention": 0.2, 'prob_tu"mour': 0.3, "prob_nor\\mal": 0.7, "prob_50%d": 0.5}
+    ring = _features(geo)[0]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) == 5
+
+
+# -- CLAM and TRIDENT patch readers ---------------------------------------------------------------------
+
+def clam_footprint(attrs: dict, level_downsamples) -> float:
+    """CLAM (dataset_h5.Whole_Slide_Bag_FP): read_region(coord, patch_level, (patch_size, patch_size)),
+    so the level-0 footprint is patch_size * level_downsample[patch_level]."""
+    return attrs["patch_size"] * level_downsamples[int(attrs["patch_level"])]
+
+
+def trident_footprint(attrs: dict) -> int:
+    """TRIDENT (WSI.extract_features -> WSIPatcher): without patch_size, level0_magnification and
+    target_magnification it falls back to its CLAM path; with them, pixel sizes are 10 / magnification and
+    the level-0 footprint is round(patch_size * src_mag / dst_mag)."""
+    for key in ("patch_size", "level0_magnification", "target_magnification"):
+        assert key in attrs, f"TRIDENT would fall back to its legacy path: no '{key}'"
+    return round(attrs["patch_size"] * attrs["level0_magnification"] / attrs["target_magnification"])
+
+
+@pytest.fixture(scope="module")
+def aperio40x(tmp_path_factory):
+    """A 40x (0.25 µm/px) Aperio-like slide with levels 1/4/16, tiled at 0.5 µm/px with 256-px patches."""
+    root = tmp_path_factory.mktemp("a40")
+    path = root / "a40.svs"
+    write_slide(path, SyntheticSpec(width=4096, height=3072, mpp=0.25, seed=5, tumour=True, level_factor=4,
+                                    min_level_size=200))
+    layout = Layout(root / "out")
+    tile_slide(SlideRef("a40", path), load_config(), layout)
+    return path, layout
+
+
+def test_clam_reads_our_exact_footprint_on_the_40x_aperio_case(aperio40x):
+    path, layout = aperio40x
+    coords, attrs = read_coords(layout.patches("a40"))
+    with SlideReader(path, "openslide") as r:
+        downsamples = r.level_downsamples
+        # the common case: 0.5 µm/px from level 0 of a 40x scan is a 512-px read
+        assert attrs["patch_level"] == 0 and attrs["patch_size"] == 512
+        assert clam_footprint(attrs, downsamples) == pytest.approx(256 * 0.5 / 0.25)
+        assert clam_footprint(attrs, downsamples) == attrs["patch_size_level0"]
+        # CLAM's pixels are ours: the region it reads is what our dataset reads (before resizing)
+        x, y = coords[len(coords) // 2]
+        clam = r.read_region((int(x), int(y)), int(attrs["patch_level"]), (int(attrs["patch_size"]),) * 2)
+    ds = patch_dataset(path, coords, attrs, int(attrs["patch_size"]))
+    ours = ds[len(coords) // 2]["image"].numpy()
+    np.testing.assert_array_equal(clam, ours)
+
+
+@needs_real
+@pytest.mark.parametrize("target_mpp", [0.5, 1.0])
+def test_clam_and_trident_read_our_footprint_on_the_real_svs(tmp_path, target_mpp):
+    layout = Layout(tmp_path)
+    tile_slide(SlideRef("cmu", CMU), load_config(None, [f"tiling.target_mpp={target_mpp}"]), layout)
+    _, attrs = read_coords(layout.patches("cmu"))
+    with SlideReader(CMU, "openslide") as r:
+        downsamples = r.level_downsamples
+        exact = 256 * target_mpp / float(r.properties["openslide.mpp-x"])
+    assert abs(clam_footprint(attrs, downsamples) - exact) <= 1
+    assert abs(trident_footprint(attrs) - exact) <= 1
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.5])
+def test_trident_reads_our_footprint_and_overlap_in_pixels(aperio40x, tmp_path, overlap):
+    path, _ = aperio40x
+    layout = Layout(tmp_path)
+    cfg = load_config(None, ["tiling.target_mpp=2.0", "tiling.patch_size=128", f"tiling.overlap={overlap}"])
+    tile_slide(SlideRef("a40", path), cfg, layout)
+    coords, attrs = read_coords(layout.patches("a40"))
+    assert attrs["patch_level"] == 1  # 1 µm/px level (downsample 4) is the coarsest <= 2 µm/px
+    assert trident_footprint(attrs) == attrs["patch_size_level0"] == round(128 * 2.0 / 0.25)
+    with SlideReader(path, "openslide") as r:
+        assert r.level_downsamples[:3] == pytest.approx((1, 4, 16))
+        assert clam_footprint(attrs, r.level_downsamples) == attrs["patch_size_level0"]
+    # TRIDENT's overlap is pixels in the patch_size frame; its step must be our grid's step
+    assert isinstance(attrs["overlap"], (int, np.integer))
+    step_src = round((attrs["patch_size"] - attrs["overlap"]) * attrs["level0_magnification"]
+                     / attrs["target_magnification"])
+    xs = np.unique(coords[:, 0])
+    assert abs(step_src - np.diff(xs).min()) <= 1
+
+
+# -- export --format clam | trident | torchmil ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Three slides at a fractional level-0 step (0.499 µm/px scan, 0.5 µm/px target: 256.5 px), tiled and
+    extracted, with labels."""
+    root = tmp_path_factory.mktemp("study")
+    slides = root / "slides"
+    slides.mkdir()
+    for i in range(3):
+        write_slide(slides / f"s{i}.svs", SyntheticSpec(width=2600, height=2100, mpp=0.499, seed=60 + i,
+                                                        tumour=i % 2 == 1))
+    labels = root / "labels.csv"
+    labels.write_text("slide_id,label,patient_id\ns0,normal,P0\ns1,tumour,P1\ns2,normal,P0\n")
+    out = root / "out"
+    for stage in ("tile", "extract"):
+        assert main([stage, "--slides", str(slides), "--out", str(out), "--no-progress", *ENC]) == 0
+    return Layout(out), labels
+
+
+def _export(study_layout, labels, fmt, to):
+    assert main(["export", "--format", fmt, "--out", str(study_layout.root), "--to", str(to), *ENC,
+                 f"train.labels={labels}"]) == 0
+
+
+def test_export_clam_layout_reads_like_clams_training_dataset(study, tmp_path):
+    layout, labels = study
+    to = tmp_path / "clam"
+    _export(layout, labels, "clam", to)
+    with (to / "dataset.csv").open() as fh:  # Generic_MIL_Dataset: case_id, slide_id, label
+        rows = list(csv.DictReader(fh))
+    assert [r["slide_id"] for r in rows] == ["s0", "s1", "s2"] and rows[2]["case_id"] == "P0"
+    for r in rows:
+        sid = r["slide_id"]
+        bag = torch.load(to / "pt_files" / f"{sid}.pt", weights_only=True)  # main.py's path: pt_files
+        with h5py.File(layout.features("resnet18", sid)) as fh:
+            np.testing.assert_array_equal(bag.numpy(), fh["features"][:])
+        with h5py.File(to / "h5_files" / f"{sid}.h5") as fh:  # the h5 branch: features + coords
+            assert fh["features"].shape[0] == fh["coords"].shape[0] == bag.shape[0]
+        with h5py.File(to / "patches" / f"{sid}.h5") as fh:
+            assert {"patch_size", "patch_level"} <= set(fh["coords"].attrs)
+
+
+def test_export_trident_layout_reads_like_tridents_job_folder(study, tmp_path):
+    layout, labels = study
+    to = tmp_path / "trident"
+    _export(layout, labels, "trident", to)
+    job = to / "20x_256px_0px_overlap"  # {mag}x_{patch_size}px_{overlap}px_overlap at our target
+    for sid in ("s0", "s1", "s2"):
+        with h5py.File(job / "patches" / f"{sid}_patches.h5") as fh:
+            attrs = dict(fh["coords"].attrs)
+            n = len(fh["coords"])
+        assert trident_footprint(attrs) == attrs["patch_size_level0"]
+        with h5py.File(job / "features_resnet18" / f"{sid}.h5") as fh:
+            assert fh["features"].shape == (n, 512)
+
+
+def torchmil_cells(coords: np.ndarray, patch_size: int) -> np.ndarray:
+    """torchmil's WSIDataset._load_coords: (coords / patch_size) - min, then astype(int)."""
+    c = coords / patch_size
+    return (c - c.min(axis=0)).astype(int)
+
+
+def test_export_torchmil_keeps_every_grid_cell_distinct(study, tmp_path):
+    layout, labels = study
+    to = tmp_path / "torchmil"
+    _export(layout, labels, "torchmil", to)
+    meta = json.loads((to / "torchmil.json").read_text())
+    for sid, label in (("s0", "normal"), ("s1", "tumour")):
+        feats = np.load(to / "features" / f"{sid}.npy")
+        coords = np.load(to / "coords" / f"{sid}.npy")
+        assert np.load(to / "labels" / f"{sid}.npy").ndim == 0
+        assert int(np.load(to / "labels" / f"{sid}.npy")) == meta["label_map"][label]
+        cells = torchmil_cells(coords, meta["patch_size"])
+        assert len({tuple(c) for c in cells}) == len(feats) == len(coords)
+        # the same reader on our raw level-0 coords merges cells at this fractional step: the defect we avoid
+        raw, attrs = read_coords(layout.patches(sid))
+        assert len({tuple(c) for c in torchmil_cells(raw, attrs["patch_size_level0"])}) < len(raw)
+
+
+# -- OME-Zarr --------------------------------------------------------------------------------------------
+
+def test_ome_zarr_is_ngff_04_with_slash_chunks_and_per_axis_scales(tmp_path):
+    raster = np.random.default_rng(1).random((301, 517)).astype(np.float32)
+    export.ome_zarr(tmp_path / "s.zarr", raster, 8.0, "s")
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    ms = root.attrs["multiscales"][0]
+    assert ms["version"] == "0.4" and [a["name"] for a in ms["axes"]] == ["y", "x"]
+    assert len(ms["datasets"]) >= 3
+    for d in ms["datasets"]:
+        zarray = json.loads((tmp_path / "s.zarr" / d["path"] / ".zarray").read_text())
+        assert zarray["dimension_separator"] == "/"  # NGFF 0.4 requires "/"
+        rows, cols = root[d["path"]].shape
+        sy, sx = d["coordinateTransformations"][0]["scale"]
+        # every level spans the raster's physical extent along each axis
+        assert rows * sy == pytest.approx(301 * 8.0) and cols * sx == pytest.approx(517 * 8.0)
+    np.testing.assert_allclose(root["0"][:], raster)

@@ -1,0 +1,32 @@
+"""CLAM's layout. ``main.py`` trains from ``<data_dir>/pt_files/<slide_id>.pt`` (``torch.load`` of an
+(N, D) tensor); its h5 branch reads ``h5_files/<slide_id>.h5`` (``features``, ``coords``); patching
+outputs live in ``patches/<slide_id>.h5``; the dataset CSV has ``case_id, slide_id, label``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import torch
+
+from ..atomic import atomic_path, write_csv
+from . import Study, link, register_format
+
+
+@register_format("clam")
+def export(study: Study, to: Path) -> str:
+    ids = study.slide_ids()
+    for sid in ids:
+        feats_h5 = study.layout.features(study.encoder_id, sid)
+        link(feats_h5, to / "h5_files" / f"{sid}.h5")
+        link(study.layout.patches(sid), to / "patches" / f"{sid}.h5")
+        with h5py.File(feats_h5, "r") as fh:
+            bag = torch.from_numpy(fh["features"][:]).float()
+        with atomic_path(to / "pt_files" / f"{sid}.pt") as tmp:
+            torch.save(bag, tmp)
+    rows = [{"case_id": study.labels[s].get("patient_id") or s, "slide_id": s, "label": study.labels[s]["label"]}
+            for s in ids if s in study.labels]
+    if rows:
+        write_csv(to / "dataset.csv", rows, ["case_id", "slide_id", "label"])
+    return f"clam: {len(ids)} slides -> {to}/{{pt_files,h5_files,patches}}" + (
+        f", dataset.csv with {len(rows)} labelled slides" if rows else " (no train.labels: no dataset.csv)")

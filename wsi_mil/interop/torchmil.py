@@ -1,0 +1,39 @@
+"""torchmil's ``WSIDataset`` layout: ``features/<name>.npy`` (N, D), ``labels/<name>.npy`` (a 0-d int),
+``coords/<name>.npy`` (N, 2). torchmil turns coords into grid cells with
+``((coords / patch_size) - min).astype(int)``, which merges cells when the level-0 step is fractional
+(256.5 px on an 0.2499 µm/px scan). So the exported coords are our exact grid cells times
+``patch_size``: pass the ``patch_size`` written in ``torchmil.json`` and every cell stays distinct."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..atomic import write_text
+from . import Study, register_format, save_npy
+
+PATCH_SIZE = 512  # torchmil's default; any positive integer works, since coords are cells * PATCH_SIZE
+
+
+@register_format("torchmil")
+def export(study: Study, to: Path) -> str:
+    ids = study.slide_ids()
+    label_map = study.label_map()
+    for sid in ids:
+        with h5py.File(study.layout.features(study.encoder_id, sid), "r") as fh:
+            feats = fh["features"][:].astype(np.float32)
+        with h5py.File(study.layout.patches(sid), "r") as fh:
+            cells = fh["grid_index"][:].astype(np.int64).reshape(-1, 2)
+        save_npy(to / "features" / f"{sid}.npy", feats)
+        save_npy(to / "coords" / f"{sid}.npy", cells * PATCH_SIZE)
+        if sid in study.labels:
+            save_npy(to / "labels" / f"{sid}.npy", np.array(label_map[study.labels[sid]["label"]], np.int64))
+    write_text(to / "torchmil.json", json.dumps({
+        "patch_size": PATCH_SIZE, "label_map": label_map, "encoder_id": study.encoder_id,
+        "coords": "grid cell (col, row) * patch_size; pass patch_size to WSIDataset",
+    }, indent=1))
+    n_lab = sum(s in study.labels for s in ids)
+    return f"torchmil: {len(ids)} slides ({n_lab} labelled) -> {to}/{{features,coords,labels}}, patch_size={PATCH_SIZE}"

@@ -1,0 +1,99 @@
+"""The one place that knows where every output lives under an output folder (``--out``).
+
+::
+
+    OUT/manifest.csv                              one row per (slide, stage)
+    OUT/patches/<slide_id>.h5                     tile
+    OUT/masks/<slide_id>.{mask.png,qc.png,grid.png,tissue.geojson}
+    OUT/features/<encoder_id>/<slide_id>.h5       extract
+    OUT/models/<run>/                             train (complete only once summary.json exists)
+    OUT/predictions/<run>.csv                     predict
+    OUT/heatmaps/<run>/<slide_id>/                heatmap (summary.json marks a slide done)
+    OUT/.locks/<stage>/<slide_id>.lock            runner locks
+
+Stages, the viewer and the tests ask this object for paths; nobody joins path pieces by hand. Slide ids
+and run names are checked to be plain file names before they are ever joined into a path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WsiMilError
+
+MASK_KINDS = ("mask.png", "qc.png", "grid.png", "tissue.geojson")
+
+
+def check_name(name: str, what: str = "slide_id") -> str:
+    """``name`` if it is a plain file name (no separators, not ``.``/``..``, no control characters)."""
+    if (not name or name in {".", ".."} or "/" in name or "\\" in name or "\x00" in name
+            or any(ord(c) < 32 for c in name) or name != name.strip()):
+        raise WsiMilError(f"{what} {name!r} is not a plain file name")
+    return name
+
+
+def encoder_id(name: str) -> str:
+    """A folder-safe id for an encoder name: ``hf-hub:org/model`` -> ``hf-hub_org_model``."""
+    return check_name(name.replace(":", "_").replace("/", "_").replace("\\", "_"), "encoder id")
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # -- batch bookkeeping ------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.csv"
+
+    def lock(self, stage: str, slide_id: str) -> Path:
+        return self.root / ".locks" / stage / f"{check_name(slide_id)}.lock"
+
+    # -- tile -------------------------------------------------------------------------------------
+    @property
+    def patches_dir(self) -> Path:
+        return self.root / "patches"
+
+    def patches(self, slide_id: str) -> Path:
+        return self.patches_dir / f"{check_name(slide_id)}.h5"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.root / "masks"
+
+    def mask(self, slide_id: str, kind: str = "mask.png") -> Path:
+        if kind not in MASK_KINDS:
+            raise ValueError(f"unknown mask output '{kind}'")
+        return self.masks_dir / f"{check_name(slide_id)}.{kind}"
+
+    # -- extract ----------------------------------------------------------------------------------
+    def features_dir(self, enc_id: str) -> Path:
+        return self.root / "features" / check_name(enc_id, "encoder id")
+
+    def features(self, enc_id: str, slide_id: str) -> Path:
+        return self.features_dir(enc_id) / f"{check_name(slide_id)}.h5"
+
+    # -- train / predict --------------------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def run_dir(self, run: str) -> Path:
+        return self.models_dir / check_name(run, "run name")
+
+    def predictions(self, run: str) -> Path:
+        return self.root / "predictions" / f"{check_name(run, 'run name')}.csv"
+
+    # -- heatmap ----------------------------------------------------------------------------------
+    def heatmaps_dir(self, run: str) -> Path:
+        return self.root / "heatmaps" / check_name(run, "run name")
+
+    def heatmap_dir(self, run: str, slide_id: str) -> Path:
+        return self.heatmaps_dir(run) / check_name(slide_id)
+
+    def heatmap_summary(self, run: str, slide_id: str) -> Path:
+        return self.heatmap_dir(run, slide_id) / "summary.json"

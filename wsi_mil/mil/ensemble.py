@@ -1,0 +1,99 @@
+"""A trained model as one predictor: a single checkpoint, or the fold models of a complete run.
+
+A run folder is complete only when its ``summary.json`` exists (train writes it last, listing its fold
+files); anything else is refused with one line. ``model_id`` names exactly the weights used, so outputs
+made with one model are recognised as stale once the model changes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import file_sha256, write_text
+from ..errors import WsiMilError
+from .checkpoint import CheckpointMeta, load_checkpoint
+
+RUN_MARKER = "summary.json"
+
+
+def write_run_summary(run_dir: str | Path, summary: dict) -> Path:
+    """Write a run's ``summary.json``, the marker that makes it complete; it must list its ``fold_files``."""
+    if not summary.get("fold_files"):
+        raise ValueError("a run summary must list its fold_files")
+    path = Path(run_dir) / RUN_MARKER
+    write_text(path, json.dumps(summary, indent=1, default=float))
+    return path
+
+
+def _sha(path: Path) -> str:
+    return file_sha256(path)[:16]
+
+
+def is_complete_run(path: str | Path) -> bool:
+    try:
+        model_files(path)
+        return True
+    except WsiMilError:
+        return False
+
+
+def model_files(model_path: str | Path) -> list[Path]:
+    """The checkpoint files a model path stands for (one file, or a complete run's folds)."""
+    path = Path(model_path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise WsiMilError(f"model {path}: not a .safetensors checkpoint (give a run folder or a fold_*.safetensors)")
+        return [path]
+    if not path.is_dir():
+        raise WsiMilError(f"no trained model at {path}: train one, or pass a run folder or a .safetensors checkpoint")
+    marker = path / RUN_MARKER
+    if not marker.is_file():
+        raise WsiMilError(f"{path} is not a complete training run (no {RUN_MARKER}): a killed or unfinished "
+                          f"'wsi-mil train'; train it again")
+    try:
+        names = json.loads(marker.read_text())["fold_files"]
+    except (ValueError, KeyError, TypeError):
+        raise WsiMilError(f"{marker}: not a wsi_mil run summary (no fold_files); train it again") from None
+    files = [path / str(n) for n in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if not files or missing:
+        raise WsiMilError(f"{path}: run is incomplete, missing {', '.join(missing) or 'every fold'}; train it again")
+    return files
+
+
+def model_id(model_path: str | Path) -> str:
+    """A short content hash of the model: the run's summary (which names its folds and their hashes) or the
+    checkpoint itself."""
+    path = Path(model_path)
+    files = model_files(path)
+    return _sha(path / RUN_MARKER) if path.is_dir() else _sha(files[0])
+
+
+class Ensemble:
+    """The fold models of a run (or one checkpoint); probabilities and attention are averaged over them."""
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path)
+        files = model_files(self.path)
+        self.model_id = model_id(self.path)
+        loaded = [load_checkpoint(p) for p in files]
+        self.models = [m for m, _ in loaded]
+        self.meta: CheckpointMeta = loaded[0][1]
+        self.classes = sorted(self.meta.label_map, key=self.meta.label_map.get)
+
+    @torch.no_grad()
+    def __call__(self, features: torch.Tensor, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+        """Mean class probabilities (C,) and mean per-instance attention logits (N,) for one bag."""
+        x = features.float()[None]
+        mask = torch.ones(1, len(features), dtype=torch.bool)
+        probs, atts = [], []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for model in self.models:
+                logits, att = model(x, mask)
+                probs.append(torch.softmax(logits.float(), 1)[0])
+                atts.append(att[0].float())
+        return torch.stack(probs).mean(0).numpy(), torch.stack(atts).mean(0).numpy()

@@ -1,0 +1,48 @@
+"""``wsi-mil run``: tile -> extract -> predict (training first when there is no complete model yet and
+labels are given) -> heatmap. The path a deployed model takes on new slides.
+
+Every stage's outcome is kept: the run fails (exit 1 from the CLI) when any slide failed in any stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import WsiMilError
+from .layout import Layout
+from .mil.ensemble import is_complete_run
+from .slide import SlideRef
+from .stages import extract, heatmap, tile
+from .stages.base import run_stage
+from .stages.predict import predict
+from .stages.train import train
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    ok: bool
+    line: str
+
+
+def run_pipeline(slides: list[SlideRef], layout: Layout, cfg: Config, model: Path | None = None,
+                 progress: bool = True) -> list[StageOutcome]:
+    outcomes = []
+    for stage in (tile.STAGE, extract.STAGE):
+        result = run_stage(stage, slides, cfg, layout, progress)
+        outcomes.append(StageOutcome(stage.name, result.ok, result.summary()))
+    if model is None:
+        model = layout.run_dir(cfg.train.run_name)
+        if not is_complete_run(model):
+            if cfg.train.labels is None:
+                raise WsiMilError(f"no complete trained model at {model}: pass --model, or train.labels to train one")
+            summary, model = train(layout, cfg, progress)
+            outcomes.append(StageOutcome("train", True, f"train: {summary['n_slides']} slides -> {model}"))
+    result = predict(layout, cfg, model=model)
+    outcomes.append(StageOutcome("predict", result.ok, result.summary()))
+    cfg = cfg.model_copy(update={"heatmap": cfg.heatmap.model_copy(update={"run": str(Path(model).resolve())})})
+    result = run_stage(heatmap.STAGE, slides, cfg, layout, progress)
+    outcomes.append(StageOutcome("heatmap", result.ok, result.summary()))
+    return outcomes
