@@ -1,6 +1,6 @@
 """`make bench`: throughput figures, measured inside this process (no interpreter start-up).
 
-Sections (``--only tile,extract,train,heatmap``); each prints its figures and ratios taken in one run.
+Sections (``--only tile,extract,train,scale,heatmap,mil``); each prints its figures and ratios taken in one run.
 Large synthetic inputs are generated once and cached under ``--cache`` (default ``.bench/``).
 """
 
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-SECTIONS = ["tile", "extract", "train", "heatmap"]
-OPTIONS = argparse.Namespace(encoder="resnet50_trunc", batch=32)  # set from the command line in main()
+SECTIONS = ["tile", "extract", "train", "scale", "heatmap", "mil"]
+OPTIONS = argparse.Namespace(encoder="resnet50_trunc", batch=32, mil_dir="../shared/mil_benchmarks", mil_models="",
+                             mil_data="", mil_folds=10, mil_epochs=20, mil_batch=1)  # set by main()
 
 
 def timed(fn, repeat: int = 3):
@@ -149,32 +150,62 @@ def bench_extract(cache: Path, quick: bool) -> None:
                   f"ours / naive = {b / naive:.2f}")
 
 
+def _rss_child(code: str) -> tuple[float, str]:
+    """Run ``code`` in a fresh interpreter; its peak RSS in GB and its stdout."""
+    import subprocess
+
+    probe = code + "\nimport resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    peak = [line for line in out.splitlines() if line.startswith("PEAK_KB")][-1].split()[1]
+    return int(peak) / 2**20, out
+
+
+def _synthetic_cohort(folder: Path, n_bags: int, n_inst: int, dim: int) -> Path:
+    """``n_bags`` features files (float32) and a labels CSV, written once."""
+    from wsi_mil.h5io import write_h5
+
+    labels = folder / "labels.csv"
+    if labels.is_file():
+        return labels
+    rng = np.random.default_rng(0)
+    rows = ["slide_id,label"]
+    for i in range(n_bags):
+        x = rng.standard_normal((n_inst, dim), dtype=np.float32)
+        x[: n_inst // 20, :8] += 2.0 * (i % 2)
+        write_h5(folder / "feats" / f"b{i:03d}.h5", {"features": x, "coords": np.zeros((n_inst, 2), np.int64)},
+                 {"features": {"encoder_id": "bench", "feature_dim": dim}})
+        rows.append(f"b{i:03d},{i % 2}")
+    labels.write_text("\n".join(rows) + "\n")
+    return labels
+
+
 def bench_train(cache: Path, quick: bool) -> None:
     import torch
 
     from wsi_mil.config import load_config
-    from wsi_mil.mil.data import Bag, collate
+    from wsi_mil.mil.data import Bag, BagCache, BagDataset, pad_batch
     from wsi_mil.mil.digits import digits_bags, evaluate
-    from wsi_mil.mil.models import create_model
+    from wsi_mil.mil.models import MODELS, build_model
     from wsi_mil.mil.train import fit
 
     n_bags, n_inst, dim = (40, 500, 1024) if quick else (200, 2000, 1024)
     cfg = load_config(None, ["train.epochs=3", "train.min_epochs=3", "train.balance=none"])
     print(f"\n== train: {n_bags} bags x {n_inst} instances x {dim} dims, {cfg.model.name}, "
-          f"batch {cfg.train.batch_size}, CPU {torch.get_num_threads()} threads")
+          f"{cfg.train.batch_size} bag per step, CPU {torch.get_num_threads()} threads")
     g = torch.Generator().manual_seed(0)
     bags = [Bag(f"b{i}", torch.randn(n_inst, dim, generator=g), i % 2, f"p{i}") for i in range(n_bags)]
     torch.manual_seed(0)
-    m = cfg.model
-    model = create_model(m.name, dim, 2, m.hidden_dim, m.attention_dim, m.dropout)
+    model = build_model(cfg.model, dim, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    batches = [collate(bags[i:i + cfg.train.batch_size]) for i in range(0, n_bags, cfg.train.batch_size)]
+    ds = BagDataset(bags, BagCache(0))
+    batches = [pad_batch([ds[j] for j in range(i, i + cfg.train.batch_size)])
+               for i in range(0, n_bags, cfg.train.batch_size)]
 
     def pure() -> float:
         model.train()
         t0 = time.perf_counter()
         for x, mask, y in batches:
-            loss = torch.nn.functional.cross_entropy(model(x, mask)[0], y)
+            loss = model.compute_loss(model(x, mask), y)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -192,14 +223,135 @@ def bench_train(cache: Path, quick: bool) -> None:
     print(f"  (b) pure forward+backward: {b:7.1f} bags/s  (same tensors, already batched in memory)")
     print(f"  a/b = {a / b:.2f}")
 
+    print(f"  epoch seconds per model ({n_bags} x {n_inst} x {dim}, one bag per step, 2nd epoch):")
+    for name in sorted(MODELS):
+        mcfg = load_config(None, [f"model.name={name}", "train.epochs=2", "train.min_epochs=2", "train.balance=none"])
+        history = fit(bags, [], dim, 2, mcfg.model, mcfg.train, seed=0).history
+        print(f"    {name:12s} {history[-1]['seconds']:7.2f} s", flush=True)
+
     train, test, inst = digits_bags(n_train=200, n_test=100, seed=0)
-    dcfg = load_config(None, ["model.hidden_dim=64", "model.attention_dim=32", "model.dropout=0.0",
-                              "train.epochs=30", "train.lr=0.002", "train.batch_size=8"])
+    print("  digits-bags (200 train bags, 100 test, target digit 9): bag AUROC / instance AUROC")
+    for name in sorted(MODELS):
+        dcfg = load_config(None, [f"model.name={name}", "model.hidden_dim=64", "model.attention_dim=32",
+                                  "model.dropout=0.0", "train.epochs=30", "train.lr=0.002", "train.batch_size=8"])
+        t0 = time.perf_counter()
+        res = fit(train[40:], train[:40], 64, 2, dcfg.model, dcfg.train, seed=0)
+        bag_auc, instance_auc = evaluate(res.model, test, inst)
+        claim = "" if res.model.localises else "  (no localisation claimed)"
+        print(f"    {name:12s} {bag_auc:.3f} / {instance_auc:.3f}  ({time.perf_counter() - t0:.1f} s){claim}", flush=True)
+
+
+def bench_scale(cache: Path, quick: bool) -> None:
+    """Peak RSS with a cohort 3x the bag cache, and cached vs the old all-in-memory throughput."""
+    cache_gb = 0.25 if quick else 1.0
+    n_inst, dim = 8000, 1024
+    n_bags = int(3 * cache_gb * 2**30 / (n_inst * dim * 4)) + 1
+    folder = cache / f"scale_{n_bags}x{n_inst}"
+    print(f"\n== scale: {n_bags} bags x {n_inst} x {dim} float32 = {n_bags * n_inst * dim * 4 / 2**30:.2f} GB of "
+          f"features on disk, train.cache_gb={cache_gb}")
+    labels = _synthetic_cohort(folder, n_bags, n_inst, dim)
+    common = (f"from wsi_mil.config import load_config\nfrom wsi_mil.mil.data import load_bagset, BagCache\n"
+              f"from wsi_mil.mil.train import fit\nimport time, torch\n"
+              f"data = load_bagset({str(folder / 'feats')!r}, {str(labels)!r})\n")
+    stream = common + (f"cfg = load_config(None, ['train.epochs=2', 'train.min_epochs=2', 'train.cache_gb={cache_gb}'])\n"
+                       "h = fit(data.bags, [], data.feature_dim, 2, cfg.model, cfg.train, seed=0).history\n"
+                       "print('EPOCH', h[-1]['seconds'])")
+    peak, out = _rss_child(stream)
+    epoch = float([x for x in out.splitlines() if x.startswith("EPOCH")][-1].split()[1])
+    print(f"  peak RSS training (2 epochs): {peak:.2f} GB  (target <= cache + 1.5 = {cache_gb + 1.5:.2f} GB); "
+          f"epoch {epoch:.1f} s streaming")
+    # everything fits: the new path (cache holds all) against the old one (every bag loaded up front)
+    fits = common + ("from wsi_mil.mil.data import load_features\n"
+                     "cfg = load_config(None, ['train.epochs=3', 'train.min_epochs=3', 'train.cache_gb=64'])\n"
+                     "old = [b.__class__(b.slide_id, load_features(b.path), b.label, b.patient_id) for b in data.bags]\n"
+                     "for r in range(2):\n"
+                     "    new = fit(data.bags, [], data.feature_dim, 2, cfg.model, cfg.train, seed=0).history\n"
+                     "    ref = fit(old, [], data.feature_dim, 2, cfg.model, cfg.train, seed=0).history\n"
+                     "    print('NEW', *[h['seconds'] for h in new[1:]]); print('OLD', *[h['seconds'] for h in ref[1:]])")
+    _, out = _rss_child(fits)
+    new = [float(v) for line in out.splitlines() if line.startswith("NEW") for v in line.split()[1:]]
+    old = [float(v) for line in out.splitlines() if line.startswith("OLD") for v in line.split()[1:]]
+    print(f"  all cached: {statistics.median(new):.2f} s/epoch vs all in memory up front "
+          f"{statistics.median(old):.2f} s/epoch: throughput ratio {statistics.median(old) / statistics.median(new):.2f} "
+          f"(target >= 0.9; epochs 2-3 of two interleaved rounds)")
+
+
+MIL_DATA = ["ucsb_breast_cancer", "protein", "corel_dogs", "birds_brown_creeper"]
+
+
+def _mil_job(job: tuple) -> tuple:
+    """One (data set, model, fold): standardise on the training bags, train with the ilse2018 recipe."""
+    import torch
+
+    torch.set_num_threads(1)
+    from sklearn.model_selection import StratifiedKFold
+
+    from wsi_mil.config import load_config
+    from wsi_mil.mil.data import Bag
+    from wsi_mil.mil.train import fit, predict_bags
+
+    path, name, fold, folds, overrides = job
+    bags_x, y = _mil_bags(path)
+    train_idx, test_idx = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(np.zeros(len(y)), y))[fold]
+    stack = np.concatenate([bags_x[i] for i in train_idx])
+    mean, std = stack.mean(0), stack.std(0) + 1e-6
+
+    def bag(i):
+        return Bag(str(i), torch.from_numpy(((bags_x[i] - mean) / std).astype(np.float32)), int(y[i]), str(i))
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mil" / "ilse2018.yaml",
+                      [f"model.name={name}", *overrides])
     t0 = time.perf_counter()
-    res = fit(train[40:], train[:40], 64, 2, dcfg.model, dcfg.train, seed=0)
-    bag_auc, instance_auc = evaluate(res.model, test, inst)
-    print(f"  digits-bags (200 train bags, 100 test, target digit 9): bag AUROC {bag_auc:.3f}, "
-          f"attention instance AUROC {instance_auc:.3f} ({time.perf_counter() - t0:.1f} s)")
+    res = fit([bag(i) for i in train_idx], [], stack.shape[1], 2, cfg.model, cfg.train, seed=fold)
+    probs, _ = predict_bags(res.model, [bag(i) for i in test_idx])
+    acc = float((probs.argmax(1) == y[test_idx]).mean())
+    return Path(path).name.split(".")[0], name, fold, acc, time.perf_counter() - t0
+
+
+_MIL_CACHE: dict = {}
+
+
+def _mil_bags(path: str):
+    if path not in _MIL_CACHE:  # column 0: bag label, column 1: bag id, then the instance's features
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        ids, first = np.unique(table[:, 1], return_index=True)
+        bags = [table[table[:, 1] == i, 2:].astype(np.float32) for i in ids]
+        _MIL_CACHE[path] = (bags, table[first, 0].astype(int))
+    return _MIL_CACHE[path]
+
+
+def bench_mil(cache: Path, quick: bool) -> None:
+    """10-fold CV bag accuracy of every model on the classical MIL data sets (../shared/mil_benchmarks)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from wsi_mil.mil.models import MODELS
+
+    root = Path(OPTIONS.mil_dir)
+    if not root.is_dir():
+        print(f"\n== mil: {root} not found; skipped")
+        return
+    names = OPTIONS.mil_models.split(",") if OPTIONS.mil_models else sorted(MODELS)
+    data = OPTIONS.mil_data.split(",") if OPTIONS.mil_data else MIL_DATA
+    folds = 3 if quick else OPTIONS.mil_folds
+    overrides = [f"train.batch_size={OPTIONS.mil_batch}", f"train.epochs={OPTIONS.mil_epochs}",
+                 f"train.min_epochs={OPTIONS.mil_epochs}"]
+    print(f"\n== mil: {folds}-fold CV bag accuracy, configs/mil/ilse2018.yaml with {' '.join(overrides)}, "
+          f"2 processes")
+    jobs = [(str(root / f"{d}.csv.gz"), n, k, folds, overrides) for d in data for n in names for k in range(folds)]
+    results: dict = {}
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        for d, n, _k, acc, sec in pool.map(_mil_job, jobs):
+            results.setdefault((d, n), []).append((acc, sec))
+            if len(results[(d, n)]) == folds:
+                accs = [a for a, _ in results[(d, n)]]
+                print(f"  {d:22s} {n:12s} accuracy {np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f} "
+                      f"({sum(s for _, s in results[(d, n)]):.0f} s)", flush=True)
+    print("\n| model | " + " | ".join(data) + " |\n|---|" + "---|" * len(data))
+    for n in names:
+        cells = [f"{np.mean([a for a, _ in results[(d, n)]]):.3f} ± {np.std([a for a, _ in results[(d, n)]], ddof=1):.3f}"
+                 for d in data]
+        print(f"| {n} | " + " | ".join(cells) + " |")
 
 
 def bench_heatmap(cache: Path, quick: bool) -> None:
@@ -212,7 +364,7 @@ def bench_heatmap(cache: Path, quick: bool) -> None:
     from wsi_mil.layout import Layout
     from wsi_mil.mil.checkpoint import CheckpointMeta, save_checkpoint
     from wsi_mil.mil.ensemble import write_run_summary
-    from wsi_mil.mil.models import create_model
+    from wsi_mil.mil.models import build_model
     from wsi_mil.slide import SlideRef
     from wsi_mil.stages.heatmap import heatmap_slide
     from wsi_mil.stages.tile import tile_slide
@@ -233,7 +385,7 @@ def bench_heatmap(cache: Path, quick: bool) -> None:
     m = cfg.model
     for fold in range(5):
         torch.manual_seed(fold)
-        model = create_model(m.name, 1024, 2, m.hidden_dim, m.attention_dim, m.dropout)
+        model = build_model(m, 1024, 2)
         save_checkpoint(out.run_dir("default") / f"fold_{fold}.safetensors", model,
                         CheckpointMeta(m.model_dump(), {"normal": 0, "tumour": 1}, 1024, "bench_enc", fold))
     write_run_summary(out.run_dir("default"), {"fold_files": [f"fold_{k}.safetensors" for k in range(5)]})
@@ -252,8 +404,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller inputs (for a smoke run)")
     ap.add_argument("--encoder", default=OPTIONS.encoder, help="extract section: preset or timm name (e.g. uni)")
     ap.add_argument("--batch", type=int, default=OPTIONS.batch, help="extract section: batch size")
+    ap.add_argument("--mil-dir", default=OPTIONS.mil_dir, help="mil section: the classical data sets")
+    ap.add_argument("--mil-models", default="", help="mil section: comma-separated models (default: all)")
+    ap.add_argument("--mil-data", default="", help="mil section: comma-separated data sets (default: all four)")
+    ap.add_argument("--mil-folds", type=int, default=OPTIONS.mil_folds)
+    ap.add_argument("--mil-epochs", type=int, default=OPTIONS.mil_epochs)
+    ap.add_argument("--mil-batch", type=int, default=OPTIONS.mil_batch, help="mil section: bags per step (recipe: 1)")
     args = ap.parse_args()
     OPTIONS.encoder, OPTIONS.batch = args.encoder, args.batch
+    OPTIONS.mil_dir, OPTIONS.mil_models, OPTIONS.mil_data = args.mil_dir, args.mil_models, args.mil_data
+    OPTIONS.mil_folds, OPTIONS.mil_epochs, OPTIONS.mil_batch = args.mil_folds, args.mil_epochs, args.mil_batch
     args.cache.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
         if name not in SECTIONS:

@@ -5,12 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wsi_mil.cli import main
 from wsi_mil.synthetic import SyntheticSpec, make_cohort, write_slide
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "slides"
 CMU = REAL / "cmu-1-small-region.svs"
 BROKEN = REAL / "broken.svs"
 
+SMALL_ENCODER = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0",
+                 "extract.batch_size=16"]
 needs_real = pytest.mark.skipif(not CMU.is_file(), reason="../shared/slides is not present")
 
 
@@ -47,6 +50,21 @@ def slide_folder(tmp_path_factory):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mapped(tmp_path_factory):
+    """Three synthetic slides (one glass only), tiled and extracted with a small encoder."""
+    root = tmp_path_factory.mktemp("mapped")
+    slides = root / "slides"
+    slides.mkdir()
+    for i in range(2):
+        write_slide(slides / f"m{i}.svs", SyntheticSpec(width=2048, height=1792, mpp=0.5, seed=90 + i, tumour=i == 1))
+    write_slide(slides / "glass.svs", SyntheticSpec(width=1024, height=1024, mpp=0.5, blank=True))
+    out = root / "out"
+    for stage in ("tile", "extract"):
+        assert main([stage, "--slides", str(slides), "--out", str(out), "--no-progress", *SMALL_ENCODER]) == 0
+    return slides, out
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,8 +15,17 @@ def test_default_yaml_lists_every_key_with_the_model_defaults():
 
 
 def test_every_yaml_in_configs_validates():
-    for path in (ROOT / "configs").glob("*.yaml"):
+    paths = [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "mil").glob("*.yaml")]
+    assert len(paths) >= 3
+    for path in paths:
         load_config(path)
+
+
+def test_the_ilse2018_recipe_is_the_papers():
+    cfg = load_config(ROOT / "configs" / "mil" / "ilse2018.yaml")
+    t, m = cfg.train, cfg.model
+    assert (t.optimizer, t.lr, t.weight_decay, tuple(t.betas), t.batch_size) == ("adam", 5e-4, 5e-3, (0.9, 0.999), 1)
+    assert (m.embed_dim, m.hidden_dim, m.attention_dim) == (256, 128, 64)
 
 
 def test_overrides_are_typed():

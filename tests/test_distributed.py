@@ -15,6 +15,7 @@ import pytest
 from helpers import assert_same_outputs, temp_files
 
 from wsi_mil.cli import main
+from wsi_mil.layout import Layout
 from wsi_mil.runner import read_manifest, run_batch
 from wsi_mil.slide import SlideRef
 from wsi_mil.synthetic import SyntheticSpec, write_slide
@@ -92,15 +93,21 @@ def test_random_sigkills_then_resume_equal_an_uninterrupted_run(fault_slides, tm
     for o in (ref, out):
         if stage == "extract":
             assert subprocess.run(_cli("tile", fault_slides, o), capture_output=True).returncode == 0
-    t0 = time.perf_counter()
     assert subprocess.run(_cli(stage, fault_slides, ref, extra), capture_output=True).returncode == 0
-    full = time.perf_counter() - t0
+    layout = Layout(out)
+    done = (lambda: list(layout.patches_dir.glob("*.h5"))) if stage == "tile" else (
+        lambda: list(layout.features_dir("resnet18").glob("*.h5")))
     rng = np.random.default_rng(seed)
     kills = 0
     for _ in range(3):
+        before = len(done())
         proc = subprocess.Popen(_cli(stage, fault_slides, out, extra), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(0.3, 0.9) * full)
+        # kill mid-batch, whatever the machine's speed: once this run has finished a slide, at a random moment
+        deadline = time.time() + 300
+        while proc.poll() is None and len(done()) <= before and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.15))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the batch and its DataLoader workers, no cleanup
             kills += 1

@@ -171,3 +171,39 @@ def test_every_registered_export_writes_its_files_under_the_slide_folder(tmp_pat
 def test_unknown_export_names_are_refused_in_one_line(cohort, tmp_path, capsys):
     assert main(["heatmap", "--slides", str(cohort / "slides"), "--out", str(tmp_path), "heatmap.exports=[png,pdf]"]) == 2
     assert "unknown export 'pdf'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["clam_mb", "transmil", "dsmil"])
+def test_every_kind_of_head_maps_and_per_class_heads_export_one_measurement_per_class(mapped, tmp_path, model):
+    import csv
+
+    import h5py
+    from conftest import SMALL_ENCODER
+
+    from wsi_mil.layout import Layout
+
+    slides, out = mapped
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["slide_id", "label"], ["m0", "a"], ["m1", "b"], ["glass", "c"]])
+    common = ["--out", str(out), "--no-progress", *SMALL_ENCODER, f"train.run_name=pc_{model}"]
+    assert main(["train", *common, f"train.labels={labels}", f"model.name={model}", "train.folds=1",
+                 "train.val_fraction=0", "train.epochs=2", "model.hidden_dim=16", "model.attention_dim=8"]) == 0
+    assert main(["heatmap", "--slides", str(slides), *common, "heatmap.top_k=1"]) == 0
+    layout = Layout(out)
+    summary = json.loads(layout.heatmap_summary(f"pc_{model}", "m1").read_text())
+    assert set(summary["probabilities"]) == {"a", "b", "c"} and summary["mapped_class"] == summary["prediction"]
+    folder = layout.heatmap_dir(f"pc_{model}", "m1")
+    geo = json.loads((folder / "patches.geojson").read_text())
+    names = set(geo["features"][0]["properties"]["measurements"])
+    with h5py.File(folder / "scores.h5") as fh:
+        n = len(fh["coords"])
+        if model in ("clam_mb", "dsmil"):  # one map per class
+            assert summary["per_class_maps"] and fh["class_attention_logits"].shape == (3, n)
+            assert {f"attention_percentile_{c}" for c in "abc"} <= names
+            k = "abc".index(summary["prediction"])
+            np.testing.assert_allclose(fh["attention_logits"][:], fh["class_attention_logits"][k], rtol=1e-6)
+        else:
+            assert not summary["per_class_maps"] and "class_attention_logits" not in fh
+    assert {"attention", "attention_percentile", "prob_a", "prob_b", "prob_c"} <= names
+    assert (folder / "overlay.png").stat().st_size > 0 and (folder / "scores.zarr" / ".zattrs").is_file()

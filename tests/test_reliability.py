@@ -288,21 +288,6 @@ def test_a_slide_name_cannot_inject_an_mpp_into_the_tiff_description(tmp_path):
             assert float(r.properties[f"{backend}.mpp-x"]) == pytest.approx(8.0, rel=1e-3)
 
 
-@pytest.fixture(scope="module")
-def mapped(tmp_path_factory):
-    """Three synthetic slides (one glass only), tiled and extracted with a small encoder."""
-    root = tmp_path_factory.mktemp("mapped")
-    slides = root / "slides"
-    slides.mkdir()
-    for i in range(2):
-        write_slide(slides / f"m{i}.svs", SyntheticSpec(width=2048, height=1792, mpp=0.5, seed=90 + i, tumour=i == 1))
-    write_slide(slides / "glass.svs", SyntheticSpec(width=1024, height=1024, mpp=0.5, blank=True))
-    out = root / "out"
-    for stage in ("tile", "extract"):
-        assert main([stage, "--slides", str(slides), "--out", str(out), "--no-progress", *ENC]) == 0
-    return slides, out
-
-
 def test_awkward_class_names_give_valid_json_and_heatmaps_are_redone_when_the_model_changes(mapped, tmp_path,
                                                                                               capsys):
     slides, out = mapped

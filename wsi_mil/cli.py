@@ -28,6 +28,7 @@ HELP = {
     "heatmap": "attention heatmaps and exports -> heatmaps/<run_name>/<slide_id>/",
     "run": "every stage in order (tile, extract, then train or predict, heatmap)",
     "export": "a study's features and patches in CLAM, TRIDENT or torchmil layout -> --to DIR",
+    "compare": "MIL heads trained on the same folds, side by side -> comparison.{csv,md,png}",
     "config": "print the effective configuration (defaults + --config + overrides) as commented YAML",
 }
 log = logging.getLogger("wsi_mil")
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in HELP.items():
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("--config", type=Path, help="YAML config (see wsi-mil config)")
+        if name == "compare":
+            sp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (e.g. OUT/models/*)")
+            sp.add_argument("--output", type=Path, help="where to write (default: the runs' parent folder)")
+            continue
         if name != "config":
             sp.add_argument("--out", type=Path, required=True, help="output folder")
             sp.add_argument("-v", "--verbose", action="store_true")
@@ -64,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> Config:
-    overrides = list(args.overrides)
+    overrides = list(getattr(args, "overrides", []))
     flags = {"overwrite": "runner.overwrite=true", "recursive": "slides.recursive=true"}
     for flag, pair in flags.items():
         if getattr(args, flag, False):
@@ -75,7 +80,7 @@ def _config(args) -> Config:
         overrides.append(f"runner.workers={args.workers}")
     if getattr(args, "dask_address", None):
         overrides += [f"runner.dask_address={args.dask_address}", "runner.executor=dask"]
-    return load_config(args.config, overrides)
+    return load_config(getattr(args, "config", None), overrides)
 
 
 def _slides(args, cfg: Config):
@@ -98,6 +103,16 @@ def _writable(out: Path) -> Layout:
 
 
 def dispatch(args, cfg: Config) -> int:
+    if args.stage == "compare":
+        from .mil.compare import write_comparison
+
+        runs = [r for r in args.runs if r.is_dir() and not r.name.startswith(".")]
+        if len(runs) < 1:
+            raise WsiMilError("compare: give one or more run folders")
+        out = args.output or runs[0].parent
+        rows = write_comparison(runs, out)
+        print(f"compare: {len(rows)} runs -> {out / 'comparison.md'}")
+        return 0
     if args.stage == "config":
         sys.stdout.write(render_config(cfg))
         return 0

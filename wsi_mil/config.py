@@ -79,10 +79,26 @@ class ExtractConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["abmil", "abmil_gated", "meanpool", "maxpool"] = "abmil_gated"
+    # any name registered in wsi_mil.mil.models, checked against the registry when training starts;
+    # several, comma-separated, train each on the same splits
+    name: str = "abmil_gated"
     hidden_dim: int = Field(256, ge=1)
     attention_dim: int = Field(128, ge=1)
     dropout: float = Field(0.25, ge=0, lt=1)
+    embed_dim: int | None = Field(None, ge=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # options of that model only (see its docstring)
+
+    @field_validator("name")
+    @classmethod
+    def _names(cls, v: str) -> str:
+        names = [n.strip() for n in v.split(",")]
+        if not all(names):
+            raise ValueError("must be one or more model names, comma-separated")
+        return ",".join(names)
+
+    @property
+    def names(self) -> list[str]:
+        return self.name.split(",")
 
 
 class TrainConfig(Section):
@@ -96,8 +112,14 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     optimizer: Literal["adam", "adamw"] = "adamw"
-    batch_size: int = Field(4, ge=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = Field(1, ge=1)
     max_instances: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = True
+    cache_gb: float = Field(8.0, ge=0)
+    cache_dtype: Literal["float32", "float16"] = "float32"
+    num_workers: int = Field(0, ge=0)
     balance: Literal["none", "weighted_loss", "sampler"] = "weighted_loss"
     val_fraction: float = Field(0.2, ge=0, lt=1)
     missing: Literal["skip", "error"] = "skip"

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
 from ..errors import WsiMilError, one_line
-from .models import create_model
+from .models import build_model
 
 
 @dataclass
 class CheckpointMeta:
-    model: dict  # ModelConfig as a dict
+    model: dict  # ModelConfig as a dict: name, hidden_dim, attention_dim, dropout, kwargs
     label_map: dict[str, int]
     feature_dim: int
     encoder_id: str
@@ -54,9 +54,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not path.is_file():
         raise WsiMilError(f"checkpoint not found: {path}")
     meta = read_meta(path)
-    m = meta.model
-    model = create_model(m["name"], meta.feature_dim, len(meta.label_map), m["hidden_dim"], m["attention_dim"],
-                         m["dropout"])
+    model = build_model(meta.model, meta.feature_dim, len(meta.label_map))  # name + kwargs from the metadata
     model.load_state_dict(load_file(str(path), device=str(device)))
     return model.to(device).eval(), meta
 

@@ -1,8 +1,17 @@
-"""Bags for MIL: labels CSV, feature files loaded once into memory, and padded mini-batches."""
+"""Bags for MIL: labels CSV, bags streamed from their feature files through a byte-bounded LRU cache, and
+padded mini-batches.
+
+A :class:`Bag` names its features file (or holds its features, for bags built in memory). Training reads
+bags through :class:`BagCache` (``train.cache_gb``; optionally kept in fp16): when the whole cohort fits,
+every bag is read once and then served from memory (the old all-in-memory behaviour); when it does
+not, the least recently used bags are dropped and read again when needed, so a cohort larger than RAM
+trains in bounded memory.
+"""
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +26,12 @@ from ..userfiles import read_csv_rows
 @dataclass
 class Bag:
     slide_id: str
-    features: torch.Tensor  # (N, D), kept in the file's dtype; cast per batch
+    features: torch.Tensor | None  # (N, D) held in memory, or None: read from ``path`` on demand
     label: int
     patient_id: str
     split: str | None = None
+    path: Path | None = None
+    n_instances: int = 0
 
 
 @dataclass
@@ -64,15 +75,86 @@ def feature_info(path: Path) -> tuple[int, str]:
         return int(ds.shape[1]), str(ds.attrs.get("encoder_id", path.parent.name))
 
 
-def load_features(path: Path) -> torch.Tensor:
+def load_features(path: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
     with h5py.File(path, "r") as fh:
-        return torch.from_numpy(np.ascontiguousarray(fh["features"][:]))
+        t = torch.from_numpy(np.ascontiguousarray(fh["features"][:]))
+    return t if dtype is None else t.to(dtype)
+
+
+def _n_instances(path: Path) -> int:
+    with h5py.File(path, "r") as fh:
+        return int(fh["features"].shape[0])
+
+
+class BagCache:
+    """Bag features by file, least recently used first out, holding at most ``max_bytes``."""
+
+    def __init__(self, max_bytes: float, dtype: torch.dtype = torch.float32):
+        self.max_bytes, self.dtype = float(max_bytes), dtype
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.reads = 0
+
+    @classmethod
+    def from_config(cls, tcfg, share: int = 1) -> BagCache:
+        dtype = torch.float16 if tcfg.cache_dtype == "float16" else torch.float32
+        return cls(tcfg.cache_gb * 2**30 / max(1, share), dtype)
+
+    def get(self, bag: Bag) -> torch.Tensor:
+        if bag.features is not None:
+            return bag.features
+        key = str(bag.path)
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+            return hit
+        t = load_features(bag.path, self.dtype)
+        self.reads += 1
+        size = t.numel() * t.element_size()
+        if size <= self.max_bytes:
+            self._items[key] = t
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+        return t
+
+
+class BagDataset(torch.utils.data.Dataset):
+    """Items ``(index, epoch)`` -> ``(features, label)``; an instance subsample (``max_instances``) is drawn
+    from a seed of (seed, epoch, index), so it is the same with or without DataLoader workers."""
+
+    def __init__(self, bags: list[Bag], cache: BagCache, max_instances: int | None = None, seed: int = 0):
+        self.bags, self.cache, self.max_instances, self.seed = bags, cache, max_instances, seed
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        f = self.cache.get(self.bags[i])
+        if self.max_instances is not None and len(f) > self.max_instances:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 10_007 + i) % 2**63)
+            f = f[torch.randperm(len(f), generator=g)[: self.max_instances]]
+        return f, self.bags[i].label
+
+
+def pad_batch(items: list[tuple[torch.Tensor, int]], dtype: torch.dtype = torch.float32):
+    """``[(features (N_i, D), label), ...]`` -> x (B, N_max, D), mask (B, N_max), y (B,)."""
+    n_max = max(1, max(len(f) for f, _ in items))
+    dim = items[0][0].shape[1]
+    x = torch.zeros(len(items), n_max, dim, dtype=dtype)
+    mask = torch.zeros(len(items), n_max, dtype=torch.bool)
+    for i, (f, _) in enumerate(items):
+        x[i, :len(f)] = f
+        mask[i, :len(f)] = True
+    return x, mask, torch.tensor([label for _, label in items], dtype=torch.long)
 
 
 def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str = "skip",
                 split_column: str | None = None, label_map: dict[str, int] | None = None) -> BagSet:
-    """Read every labelled bag once. Slides with no features and features with no label are listed;
-    with ``missing='error'`` either is an error."""
+    """Every labelled bag, by file (features are read later, through a :class:`BagCache`). Slides with no
+    features and features with no label are listed; with ``missing='error'`` either is an error."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise WsiMilError(f"features folder not found: {features_dir} (run 'wsi-mil extract' or set train.features)")
@@ -97,30 +179,10 @@ def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str =
         label = str(r["label"])
         if label not in label_map:
             raise WsiMilError(f"slide {r['slide_id']}: label '{label}' is not one of {sorted(label_map)}")
-        bags.append(Bag(r["slide_id"], load_features(files[r["slide_id"]]), label_map[label],
-                        r.get("patient_id") or r["slide_id"], r.get(split_column) if split_column else None))
+        path = files[r["slide_id"]]
+        bags.append(Bag(r["slide_id"], None, label_map[label], r.get("patient_id") or r["slide_id"],
+                        r.get(split_column) if split_column else None, path, _n_instances(path)))
     if len(dims) > 1:
         raise WsiMilError(f"feature files disagree on (dim, encoder): {json.dumps({str(k): v[:3] for k, v in dims.items()})}")
     (dim, enc), = dims
     return BagSet(bags, label_map, dim, enc, no_features, no_label)
-
-
-def collate(bags: list[Bag], max_instances: int | None = None, generator: torch.Generator | None = None,
-            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad bags to (B, N_max, D) with a mask; optionally subsample at most ``max_instances`` per bag."""
-    feats = []
-    for bag in bags:
-        f = bag.features
-        if max_instances is not None and len(f) > max_instances:
-            f = f[torch.randperm(len(f), generator=generator)[:max_instances]]
-        feats.append(f)
-    n_max = max(1, max(len(f) for f in feats))
-    dim = bags[0].features.shape[1]
-    x = torch.empty(len(bags), n_max, dim, dtype=dtype)  # only the padded tails are zeroed
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
-    for i, f in enumerate(feats):
-        x[i, :len(f)] = f
-        x[i, len(f):] = 0
-        mask[i, :len(f)] = True
-    y = torch.tensor([b.label for b in bags], dtype=torch.long)
-    return x, mask, y

@@ -53,7 +53,8 @@ def evaluate(model, test: list[Bag], instance_labels: list[np.ndarray]) -> tuple
     with torch.no_grad():
         for bag, labels in zip(test, instance_labels):
             if bag.label == 1:
-                _, att = model(bag.features[None], torch.ones(1, len(bag.features), dtype=torch.bool))
-                scores += att[0].tolist()
+                out = model(bag.features[None], torch.ones(1, len(bag.features), dtype=torch.bool))
+                s = out.instance_scores[0]
+                scores += (s[1] if s.dim() == 2 else s).tolist()  # per-class heads: the positive class's map
                 truth += labels.tolist()
     return bag_auc, float(roc_auc_score(truth, scores))

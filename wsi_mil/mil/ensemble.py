@@ -74,26 +74,30 @@ def model_id(model_path: str | Path) -> str:
 
 
 class Ensemble:
-    """The fold models of a run (or one checkpoint); probabilities and attention are averaged over them."""
+    """The fold models of a run (or one checkpoint); probabilities and instance scores are averaged over
+    them. ``per_class``: the head scores instances per class ([C, N]) rather than once ([N])."""
 
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, device: str | torch.device = "cpu"):
         self.path = Path(model_path)
+        self.device = torch.device(device)
         files = model_files(self.path)
         self.model_id = model_id(self.path)
-        loaded = [load_checkpoint(p) for p in files]
+        loaded = [load_checkpoint(p, self.device) for p in files]
         self.models = [m for m, _ in loaded]
         self.meta: CheckpointMeta = loaded[0][1]
         self.classes = sorted(self.meta.label_map, key=self.meta.label_map.get)
+        self.per_class = bool(getattr(self.models[0], "per_class", False))
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-        """Mean class probabilities (C,) and mean per-instance attention logits (N,) for one bag."""
-        x = features.float()[None]
-        mask = torch.ones(1, len(features), dtype=torch.bool)
-        probs, atts = [], []
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        """Mean class probabilities (C,) and mean instance scores ((N,) or (C, N)) for one bag."""
+        x = features.float()[None].to(self.device)
+        mask = torch.ones(1, len(features), dtype=torch.bool, device=self.device)
+        probs, scores = [], []
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=precision == "bf16" or (self.device.type == "cuda" and precision != "fp32")):
             for model in self.models:
-                logits, att = model(x, mask)
-                probs.append(torch.softmax(logits.float(), 1)[0])
-                atts.append(att[0].float())
-        return torch.stack(probs).mean(0).numpy(), torch.stack(atts).mean(0).numpy()
+                out = model(x, mask)
+                probs.append(torch.softmax(out.logits.float(), 1)[0])
+                scores.append(out.instance_scores[0].float())
+        return torch.stack(probs).mean(0).cpu().numpy(), torch.stack(scores).mean(0).cpu().numpy()

@@ -1,5 +1,7 @@
-"""Fit one MIL model: Adam/AdamW, class-weighted loss or balanced sampling, early stopping on validation
-loss (patience + minimum epochs) keeping the best weights. Deterministic for a given seed."""
+"""Fit one MIL head through the generic contract (``forward`` -> ``compute_loss``): Adam/AdamW, one bag per
+step by default, class-weighted loss or balanced sampling, early stopping on validation loss (patience +
+minimum epochs) keeping the best weights, bf16 autocast on CUDA. Bags stream through a
+:class:`~wsi_mil.mil.data.BagCache`. Deterministic for a given seed on a given device."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig, TrainConfig
-from .data import Bag, collate
-from .models import create_model
+from .data import Bag, BagCache, BagDataset, pad_batch
+from .models import build_model
 
 
 @dataclass
@@ -45,29 +48,59 @@ def _order(labels: np.ndarray, balance: str, gen: torch.Generator, n_classes: in
     return torch.randperm(n, generator=gen)
 
 
+class _EpochOrder(Sampler):
+    """Yields ``(index, epoch)`` in an order set before each epoch (works with persistent workers)."""
+
+    def __init__(self):
+        self.order: list[int] = []
+        self.epoch = 0
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in self.order])
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
 @torch.no_grad()
-def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 8, device="cpu") -> tuple[np.ndarray, float]:
-    """Class probabilities (n, C) and the mean cross-entropy over the bags (nan for no bags)."""
+def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 1, device="cpu",
+                 cache: BagCache | None = None, amp: bool = True) -> tuple[np.ndarray, float]:
+    """Class probabilities (n, C) and the mean bag cross-entropy (nan for no bags)."""
+    device = torch.device(device)
     model.eval()
+    cache = cache or BagCache(0)
+    ds = BagDataset(bags, cache)
     probs, losses = [], []
     for i in range(0, len(bags), batch_size):
-        x, mask, y = collate(bags[i:i + batch_size])
-        logits, _ = model(x.to(device), mask.to(device))
-        probs.append(torch.softmax(logits.float(), 1).cpu())
-        losses.append(nn.functional.cross_entropy(logits.float(), y.to(device), reduction="sum").item())
+        x, mask, y = pad_batch([ds[j] for j in range(i, min(i + batch_size, len(bags)))])
+        with autocast(device, amp):
+            out = model(x.to(device), mask.to(device))
+        logits = out.logits.float()
+        probs.append(torch.softmax(logits, 1).cpu())
+        losses.append(nn.functional.cross_entropy(logits, y.to(device), reduction="sum").item())
     p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
     return p, (sum(losses) / len(bags)) if losses and len(bags) else math.nan
 
 
 def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: ModelConfig, tcfg: TrainConfig,
-        seed: int, device="cpu", progress: bool = False) -> FitResult:
+        seed: int, device="cpu", progress: bool = False, cache: BagCache | None = None) -> FitResult:
+    device = torch.device(device)
     gen = seed_everything(seed)
-    model = create_model(mcfg.name, in_dim, n_classes, mcfg.hidden_dim, mcfg.attention_dim, mcfg.dropout).to(device)
+    model = build_model(mcfg, in_dim, n_classes).to(device)
     opt_cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas))
     labels = np.array([b.label for b in train])
     weight = class_weights(labels, n_classes).to(device) if tcfg.balance == "weighted_loss" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    workers = tcfg.num_workers
+    cache = cache or BagCache.from_config(tcfg, share=max(1, workers))
+    sampler = _EpochOrder()
+    loader = DataLoader(BagDataset(train, cache, tcfg.max_instances, seed), batch_size=tcfg.batch_size,
+                        sampler=sampler, collate_fn=pad_batch, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     best = (math.inf, 0, copy.deepcopy(model.state_dict()))
     history = []
     stale = 0
@@ -75,21 +108,21 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
     for epoch in epochs:
         t0 = time.perf_counter()
         model.train()
-        order = _order(labels, tcfg.balance, gen, n_classes)
+        sampler.order, sampler.epoch = _order(labels, tcfg.balance, gen, n_classes).tolist(), epoch
         total, seen = 0.0, 0
-        for i in range(0, len(order), tcfg.batch_size):
-            batch = [train[j] for j in order[i:i + tcfg.batch_size].tolist()]
-            x, mask, y = collate(batch, tcfg.max_instances, gen)
-            logits, _ = model(x.to(device), mask.to(device))
-            loss = loss_fn(logits, y.to(device))
+        for x, mask, y in loader:
+            x, mask, y = x.to(device, non_blocking=True), mask.to(device), y.to(device)
+            with autocast(device, tcfg.amp):
+                out = model(x, mask)
+            loss = model.compute_loss(out, y, weight)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(batch)
-            seen += len(batch)
+            total += loss.item() * len(y)
+            seen += len(y)
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "seconds": time.perf_counter() - t0}
         if val:
-            _, row["val_loss"] = predict_bags(model, val, device=device)
+            _, row["val_loss"] = predict_bags(model, val, device=device, cache=cache, amp=tcfg.amp)
         history.append(row)
         monitor = row.get("val_loss", row["train_loss"]) if val else -epoch  # no val: keep the last epoch
         if monitor < best[0] - 1e-6:

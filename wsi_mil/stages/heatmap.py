@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import Config, config_to_dict
-from ..device import cpu_precision
+from ..device import cpu_precision, pick_device
 from ..errors import ConfigError, WsiMilError
 from ..h5io import read_coords, write_h5
 from ..heatmap import export
@@ -45,7 +45,8 @@ def ensemble(layout: Layout, cfg: Config) -> Ensemble:
     """The run's fold models, loaded once per process (reloaded when the model changes)."""
     path = run_path(layout, cfg)
     key = str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in model_files(path)])
-    return per_process("ensemble", key + model_id(path), lambda: Ensemble(path))
+    device = pick_device(cfg.train.device)
+    return per_process("ensemble", key + model_id(path) + str(device), lambda: Ensemble(path, device))
 
 
 def summary_path(layout: Layout, slide_id: str, cfg: Config) -> Path:
@@ -68,7 +69,7 @@ def _tissue_mask(layout: Layout, slide_id: str) -> np.ndarray | None:
 
 
 def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attrs: dict, base_scores: np.ndarray,
-           mask: np.ndarray | None, precision: str) -> tuple[np.ndarray, np.ndarray]:
+           mask: np.ndarray | None, precision: str, class_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Extra patches on a denser grid (only the new ones are extracted, with the same encoder), scored by the
     attention branch alone, as percentiles against the base grid's scores."""
     from ..features.dataset import patch_dataset
@@ -93,8 +94,8 @@ def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attr
     prep = prepared_encoder(cfg.encoder, cfg.extract)
     feats, _ = extract_patches(prep, patch_dataset(slide.path, new, attrs, prep.encoder.input_size,
                                                    cfg.extract.read_group), cfg.extract)
-    _, att = ens(torch.from_numpy(feats), precision)  # same precision as the base grid it is ranked against
-    return new, percentile_rank(att, base_scores)
+    _, scores = ens(torch.from_numpy(feats), precision)  # same precision as the base grid it is ranked against
+    return new, percentile_rank(scores[class_index] if scores.ndim == 2 else scores, base_scores)
 
 
 def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
@@ -107,27 +108,35 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
             **base, "prediction": None, "n_patches": 0, "note": "0 patches (no tissue): nothing to map"})
         return "0 patches: nothing to map"
     precision = cpu_precision(h.precision)
-    probs, att = ens(feats, precision)
+    probs, scores = ens(feats, precision)
+    k = int(np.argmax(probs))
+    pred = ens.classes[k]
+    att = scores[k] if ens.per_class else scores  # per-class heads: the map of the predicted class
     attention = softmax(att)
     pct = percentile_rank(att)
-    pred = ens.classes[int(np.argmax(probs))]
     folder = layout.heatmap_dir(run_name(cfg), slide.slide_id)
     mask = _tissue_mask(layout, slide.slide_id)
     size0 = float(attrs["patch_size_level0"])
     all_coords, all_pct = coords, pct
     if h.refine:
-        new, new_pct = refine(slide, cfg, ens, coords, attrs, att, mask, precision)
+        new, new_pct = refine(slide, cfg, ens, coords, attrs, att, mask, precision, k)
         all_coords, all_pct = np.concatenate([coords, new]), np.concatenate([pct, new_pct])
     w0, h0 = int(attrs["level0_width"]), int(attrs["level0_height"])
     slide_mpp = float(attrs["slide_mpp"])
     ds = raster_downsample(slide_mpp, h.mpp, h.downsample)
     raster = score_raster(all_coords, all_pct / 100.0, size0, w0, h0, ds)
     raster = smooth(clip_to_tissue(raster, mask), h.smooth_sigma_um / (slide_mpp * ds))
-    write_h5(folder / "scores.h5",
-             {"coords": coords, "attention_logits": att.astype(np.float32), "attention": attention.astype(np.float32),
-              "attention_percentile": pct.astype(np.float32)},
-             {"coords": attrs, "/": {**base}})
+    datasets = {"coords": coords, "attention_logits": att.astype(np.float32), "attention": attention.astype(np.float32),
+                "attention_percentile": pct.astype(np.float32)}
     measurements = {"attention": att, "attention_percentile": pct}
+    if ens.per_class:  # one map per class: every class's scores and percentiles are kept and exported
+        class_pct = np.stack([percentile_rank(s) for s in scores])
+        datasets.update({"class_attention_logits": scores.astype(np.float32),
+                         "class_attention_percentile": class_pct.astype(np.float32)})
+        for c, s_c, p_c in zip(ens.classes, scores, class_pct):
+            measurements.update({f"attention_{c}": s_c, f"attention_percentile_{c}": p_c})
+    write_h5(folder / "scores.h5", datasets,
+             {"coords": attrs, "/": {**base, "classes": json.dumps(ens.classes), "mapped_class": pred}})
     measurements.update({f"prob_{c}": np.full(len(coords), p) for c, p in zip(ens.classes, probs)})
     extra: dict = {}
     with open_configured(slide, cfg) as reader, ThreadPoolExecutor(2) as pool:
@@ -141,7 +150,8 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
             extra.update(result or {})
     export.summary_json(summary_path(layout, slide.slide_id, cfg), {
         **base, "prediction": pred, "probabilities": dict(zip(ens.classes, map(float, probs))),
-        "model": ens.meta.model["name"], "n_models": len(ens.models),
+        "model": ens.meta.model["name"], "n_models": len(ens.models), "mapped_class": pred,
+        "per_class_maps": ens.per_class,
         "encoder_id": ens.meta.encoder_id, "n_patches": int(len(coords)),
         "n_refined_patches": int(len(all_coords) - len(coords)), "raster_mpp": slide_mpp * ds,
         "raster_downsample": ds, "raster_shape": list(raster.shape), "precision": precision,

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..atomic import write_csv
 from ..config import Config
+from ..device import pick_device
 from ..errors import WsiMilError, one_line
 from ..layout import Layout
 from ..mil.checkpoint import check_compatible
@@ -60,7 +61,7 @@ def predict_file(ensemble: Ensemble, path: Path) -> dict:
 def predict(layout: Layout, cfg: Config, model: Path | None = None, features: Path | None = None,
             output: Path | None = None) -> PredictResult:
     model_path = Path(model) if model else layout.run_dir(cfg.train.run_name)
-    ensemble = Ensemble(model_path)
+    ensemble = Ensemble(model_path, pick_device(cfg.train.device))
     features = Path(features) if features else layout.features_dir(ensemble.meta.encoder_id)
     files = sorted(features.glob("*.h5"))
     if not files:

@@ -20,12 +20,14 @@ import yaml
 
 from ..atomic import atomic_path, clean_stale_temps, file_sha256, write_csv, write_text
 from ..config import Config, config_to_dict
-from ..errors import WsiMilError
+from ..device import pick_device
+from ..errors import ConfigError, WsiMilError
 from ..layout import Layout, encoder_id
 from ..mil.checkpoint import CheckpointMeta, save_checkpoint
-from ..mil.data import BagSet, load_bagset
+from ..mil.data import BagCache, BagSet, load_bagset
 from ..mil.ensemble import write_run_summary
 from ..mil.metrics import classification_metrics, mean_std
+from ..mil.models import MODELS
 from ..mil.splits import fixed_split, kfold_splits
 from ..mil.train import fit, predict_bags
 
@@ -56,7 +58,7 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -> dict:
+def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False, cache: BagCache | None = None) -> dict:
     """Train every fold and write every output into ``out_dir`` (summary.json last); return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     bags = data.bags
@@ -66,6 +68,8 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
     splits = (fixed_split([b.split for b in bags]) if t.split_column
               else kfold_splits(y, groups, t.folds, t.val_fraction, t.seed))
     classes = sorted(data.label_map, key=data.label_map.get)
+    device = pick_device(t.device)
+    cache = cache or BagCache.from_config(t, share=max(1, t.num_workers))
     split_rows, history, fold_metrics, fold_files, fold_sha = [], [], [], [], []
     oof = np.full((len(bags), len(classes)), np.nan)
     fold_of = np.full(len(bags), -1)
@@ -74,7 +78,7 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
             split_rows += [{"slide_id": bags[i].slide_id, "patient_id": bags[i].patient_id,
                             "label": classes[bags[i].label], "fold": fold, "split": name} for i in idx]
         res = fit([bags[i] for i in tr], [bags[i] for i in va], data.feature_dim, len(classes), cfg.model, t,
-                  seed=t.seed + fold, progress=progress)
+                  seed=t.seed + fold, device=device, progress=progress, cache=cache)
         history += [{"fold": fold, **h} for h in res.history]
         meta = CheckpointMeta(config_to_dict(cfg.model), data.label_map, data.feature_dim, data.encoder_id,
                               fold, res.best_epoch, config_to_dict(cfg))
@@ -82,7 +86,7 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
         fold_files.append(f"fold_{fold}.safetensors")
         fold_sha.append(file_sha256(out_dir / f"fold_{fold}.safetensors"))
         if len(te):
-            probs, _ = predict_bags(res.model, [bags[i] for i in te])
+            probs, _ = predict_bags(res.model, [bags[i] for i in te], device=device, cache=cache, amp=t.amp)
             oof[te], fold_of[te] = probs, fold
             fold_metrics.append({"fold": fold, "best_epoch": res.best_epoch,
                                  **classification_metrics(y[te], probs, classes)})
@@ -112,8 +116,20 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False) -
     return summary
 
 
+def run_names(cfg: Config) -> list[tuple[str, str]]:
+    """(model name, run name) for each model in ``model.name``: one model trains into ``train.run_name``,
+    several into ``<run_name>_<model>`` each."""
+    names = cfg.model.names
+    if len(names) == 1:
+        return [(names[0], cfg.train.run_name)]
+    return [(n, f"{cfg.train.run_name}_{n}") for n in names]
+
+
 def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Path]:
-    """Train ``cfg.train.run_name`` on the cached features; returns the summary and the run folder."""
+    """Train every model in ``model.name`` on the same splits; returns the last summary and run folder."""
+    for name in cfg.model.names:
+        if name not in MODELS:
+            raise ConfigError(f"config error: model.name: unknown MIL model '{name}' (choose from {', '.join(sorted(MODELS))})")
     if cfg.train.labels is None:
         raise WsiMilError("train.labels is required: a CSV with slide_id,label[,patient_id] (e.g. train.labels=labels.csv)")
     data = load_bagset(features_dir(layout, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column)
@@ -121,11 +137,16 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
                       ("feature files without a label", data.no_label)):
         if ids:
             print(f"skipped {len(ids)} {what}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
-    final = layout.run_dir(cfg.train.run_name)
     clean_stale_temps(layout.models_dir)  # runs a killed train left half-built
-    with atomic_path(final) as tmp:
-        summary = train_cv(data, cfg, tmp, progress=progress)
-    ms = summary["mean_std"].get("auroc")
-    auroc = f"AUROC {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms else "no test folds"
-    print(f"train: {len(data.bags)} slides, {summary['model']} on {data.encoder_id} features; {auroc}; -> {final}")
+    cache = BagCache.from_config(cfg.train, share=max(1, cfg.train.num_workers))  # shared by every model and fold
+    for model_name, run in run_names(cfg):
+        one = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": model_name}),
+                                     "train": cfg.train.model_copy(update={"run_name": run})})
+        final = layout.run_dir(run)
+        with atomic_path(final) as tmp:
+            summary = train_cv(data, one, tmp, progress=progress, cache=cache)
+        ms = summary["mean_std"].get("auroc")
+        auroc = (f"AUROC {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms
+                 else "no test folds")
+        print(f"train: {len(data.bags)} slides, {model_name} on {data.encoder_id} features; {auroc}; -> {final}")
     return summary, final

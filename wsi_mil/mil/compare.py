@@ -1,0 +1,97 @@
+"""``wsi-mil compare RUN...``: heads trained on the same folds, side by side.
+
+Each run is a row: AUROC, balanced accuracy and macro F1 as mean ± std over its test folds, and a paired
+t-test of its per-fold AUROC against the best run's (the folds must be the same slides: runs trained in
+one ``wsi-mil train model.name=a,b,...`` are). Writes ``comparison.csv``, ``comparison.md`` and
+``comparison.png`` (per-fold AUROC, one line per model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path, write_csv, write_text
+from ..errors import WsiMilError
+from .ensemble import RUN_MARKER
+
+METRICS = ("auroc", "balanced_accuracy", "macro_f1")
+
+
+def _load(run: Path) -> dict:
+    path = Path(run) / RUN_MARKER
+    if not path.is_file():
+        raise WsiMilError(f"{run}: not a complete training run (no {RUN_MARKER})")
+    summary = json.loads(path.read_text())
+    if not summary.get("folds"):
+        raise WsiMilError(f"{run}: no test folds to compare (train with train.folds >= 2)")
+    splits = (Path(run) / "splits.csv").read_text() if (Path(run) / "splits.csv").is_file() else ""
+    return {"run": Path(run).name, "model": summary.get("model", "?"), "folds": summary["folds"], "splits": splits}
+
+
+def _paired_p(a: list[float], b: list[float]) -> float:
+    from scipy.stats import ttest_rel
+
+    diff = np.asarray(a) - np.asarray(b)
+    if len(diff) < 2 or np.allclose(diff, 0):
+        return 1.0
+    return float(ttest_rel(a, b).pvalue)
+
+
+def compare(runs: list[Path]) -> list[dict]:
+    loaded = [_load(r) for r in runs]
+    rows = []
+    for item in loaded:
+        row = {"run": item["run"], "model": item["model"], "n_folds": len(item["folds"])}
+        for m in METRICS:
+            vals = np.array([f[m] for f in item["folds"]], float)
+            row[f"{m}_mean"], row[f"{m}_std"] = float(np.nanmean(vals)), float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
+        rows.append(row)
+    best = max(range(len(rows)), key=lambda i: rows[i]["auroc_mean"])
+    ref = loaded[best]
+    for row, item in zip(rows, loaded):
+        same = item["splits"] == ref["splits"] and len(item["folds"]) == len(ref["folds"])
+        row["best"] = row is rows[best]
+        row["p_vs_best"] = (_paired_p([f["auroc"] for f in item["folds"]], [f["auroc"] for f in ref["folds"]])
+                            if same else math.nan)
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| model | run | folds | AUROC | balanced accuracy | macro F1 | paired t-test p vs best (AUROC) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -r["auroc_mean"]):
+        cells = [f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS]
+        p = "best" if r["best"] else ("n/a (other folds)" if math.isnan(r["p_vs_best"]) else f"{r['p_vs_best']:.3g}")
+        lines.append(f"| {r['model']} | {r['run']} | {r['n_folds']} | " + " | ".join(cells) + f" | {p} |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(runs: list[Path], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        item = _load(run)
+        ax.plot([f["fold"] for f in item["folds"]], [f["auroc"] for f in item["folds"]], "o-", label=item["model"])
+    ax.set_xlabel("fold")
+    ax.set_ylabel("test AUROC")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def write_comparison(runs: list[Path], out_dir: Path) -> list[dict]:
+    rows = compare(runs)
+    write_csv(out_dir / "comparison.csv", rows)
+    write_text(out_dir / "comparison.md", _markdown(rows))
+    _figure(runs, out_dir / "comparison.png")
+    return rows
