@@ -107,3 +107,44 @@ def test_discovery_folder_csv_and_duplicates(tmp_path):
     (tmp_path / "a" / "sub" / "s1.tiff").write_bytes(b"x")
     with pytest.raises(WsiMilError, match="duplicate slide_id 's1'"):
         discover_slides(tmp_path / "a", exts, recursive=True)
+
+
+def _masks_agree(reader, mpp: float = 8.0) -> tuple[float, int]:
+    """(share of mask pixels that differ, differing pixels farther than 2 px from the plain mask's edge)."""
+    import cv2
+
+    from wsi_mil.tissue import detect_tissue
+
+    masks = []
+    for fast in (False, True):
+        reader.fast_thumbnail = fast
+        img, scale = reader.read_at_mpp(mpp)
+        masks.append(detect_tissue(img, scale * reader.mpp))
+    plain, fast = masks
+    k = np.ones((5, 5), np.uint8)
+    band = cv2.dilate(plain.astype(np.uint8), k) ^ cv2.erode(plain.astype(np.uint8), k)
+    diff = plain ^ fast
+    return diff.sum() / max(1, plain.sum()), int((diff & ~band.astype(bool)).sum())
+
+
+@pytest.mark.parametrize("factor, min_size", [(4, 300), (4, 2000), (2, 512)])
+def test_the_prescaled_thumbnail_gives_the_plain_paths_mask_on_every_pyramid(slide_factory, monkeypatch, factor,
+                                                                               min_size):
+    from wsi_mil.slide import thumbnail
+
+    path = slide_factory(f"pyr{factor}_{min_size}", width=8192, height=6144, mpp=0.25, seed=31, tumour=True, pen=True,
+                         level_factor=factor, min_level_size=min_size)
+    calls = []
+    real = thumbnail.decode_level_scaled
+    monkeypatch.setattr(thumbnail, "decode_level_scaled", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    with open_slide(path) as r:
+        share, far = _masks_agree(r)
+    assert calls and calls[0] >= 2  # the level was decoded pre-scaled
+    assert share <= 0.02 and far <= 0.001 * (8192 * 6144 / 32**2)
+
+
+@needs_real
+def test_the_prescaled_thumbnail_gives_the_plain_paths_mask_on_the_real_svs():
+    with open_slide(CMU) as r:
+        share, far = _masks_agree(r)
+    assert share <= 0.03 and far <= 40

@@ -30,7 +30,7 @@ def _attr(value):
 
 
 def write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str, dict] | None = None,
-             chunk_rows: int | None = None) -> None:
+             chunk_rows: int | None = None, compress: tuple[str, ...] = ()) -> None:
     """Write ``datasets`` (name -> array) with per-dataset ``attrs``, atomically.
 
     The file is built in memory (HDF5's core driver) and its bytes written with plain file I/O: a full
@@ -39,19 +39,21 @@ def write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str,
     """
     attrs = attrs or {}
     with h5py.File(io.BytesIO(), "w", track_order=True) as fh:
-        _fill(fh, datasets, attrs, chunk_rows)
+        _fill(fh, datasets, attrs, chunk_rows, compress)
         fh.flush()
         image = fh.id.get_file_image()
     write_bytes(path, image)
 
 
-def _fill(fh: h5py.File, datasets: dict[str, np.ndarray], attrs: dict[str, dict], chunk_rows: int | None) -> None:
+def _fill(fh: h5py.File, datasets: dict[str, np.ndarray], attrs: dict[str, dict], chunk_rows: int | None,
+          compress: tuple[str, ...] = ()) -> None:
     for name, data in datasets.items():
         data = np.asarray(data)
         chunks = None
         if chunk_rows and data.ndim >= 1 and data.shape[0] > 0:
             chunks = (min(chunk_rows, data.shape[0]), *data.shape[1:])
-        ds = fh.create_dataset(name, data=data, chunks=chunks)
+        extra = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if name in compress and data.size else {}
+        ds = fh.create_dataset(name, data=data, chunks=chunks or (True if extra else None), **extra)
         for key, value in attrs.get(name, {}).items():
             ds.attrs[key] = _attr(value)
     for key, value in attrs.get("/", {}).items():

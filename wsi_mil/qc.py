@@ -59,5 +59,6 @@ def write_png(path, rgb: np.ndarray) -> None:
 
     img = rgb[..., ::-1] if rgb.ndim == 3 else rgb
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(img), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]  # measured fastest
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(img), params):
             raise OSError(f"could not write {path}")

@@ -48,7 +48,7 @@ def grid_axes(width0: int, height0: int, size0: float, step0: float) -> tuple[np
 
 def box_fractions(mask: np.ndarray, scale: float, x0: np.ndarray, y0: np.ndarray, size0: float) -> np.ndarray:
     """Mean of ``mask`` over level-0 boxes, via one summed-area table (no per-patch loop)."""
-    integral = cv2.integral(mask.astype(np.uint8), sdepth=cv2.CV_32S).astype(np.int64)
+    integral = cv2.integral(mask.astype(np.uint8, copy=False), sdepth=cv2.CV_32S)  # int32 holds any mask's count
     mh, mw = mask.shape
 
     def to_mask(v, limit):
@@ -57,7 +57,7 @@ def box_fractions(mask: np.ndarray, scale: float, x0: np.ndarray, y0: np.ndarray
     mx0, my0 = to_mask(x0, mw), to_mask(y0, mh)
     mx1 = np.maximum(to_mask(x0 + size0, mw), np.minimum(mx0 + 1, mw))
     my1 = np.maximum(to_mask(y0 + size0, mh), np.minimum(my0 + 1, mh))
-    total = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
+    total = (integral[my1, mx1].astype(np.int64) - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0])
     area = np.maximum((mx1 - mx0) * (my1 - my0), 1)
     return (total / area).astype(np.float32)
 

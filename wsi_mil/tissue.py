@@ -21,21 +21,24 @@ def _px_area(area_um2: float, mpp: float) -> int:
     return int(round(area_um2 / (mpp * mpp)))
 
 
-def pen_and_debris_mask(rgb: np.ndarray, cfg: TissueConfig) -> np.ndarray:
-    """Pixels of red, green or blue marker ink, and (optionally) black debris."""
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # H in [0, 180)
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    out = np.zeros(rgb.shape[:2], bool)
+def pen_and_debris_mask(rgb: np.ndarray, cfg: TissueConfig, hsv: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of red, green or blue marker ink, and (optionally) black debris (cv2.inRange on HSV, H in
+    [0, 180))."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV) if hsv is None else hsv
+    out = np.zeros(rgb.shape[:2], np.uint8)
+    ranges = []
     if cfg.remove_pen:
-        green = (h >= 35) & (h <= 95) & (s > 50)
-        blue = (h > 95) & (h <= 128) & (s > 90)
-        red = ((h <= 8) | (h >= 172)) & (s > 140) & (v < 235)
-        out |= green | blue | red
+        ranges += [((35, 51, 0), (95, 255, 255)),  # green: 35 <= h <= 95, s > 50
+                   ((96, 91, 0), (128, 255, 255)),  # blue: 95 < h <= 128, s > 90
+                   ((0, 141, 0), (8, 255, 234)),  # red: h <= 8 or h >= 172, s > 140, v < 235
+                   ((172, 141, 0), (180, 255, 234))]
     if cfg.remove_black:
-        out |= v < 45
+        ranges.append(((0, 0, 0), (180, 255, 44)))  # v < 45
+    for lo, hi in ranges:
+        cv2.bitwise_or(out, cv2.inRange(hsv, lo, hi), dst=out)
     if out.any():
-        out = cv2.dilate(out.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    return out
+        out = cv2.dilate(out, np.ones((3, 3), np.uint8))
+    return out.astype(bool)
 
 
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
@@ -44,15 +47,16 @@ def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
-    return keep[labels]
+    return np.take(keep, labels)
 
 
 def detect_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) -> np.ndarray:
     """Boolean tissue mask for an RGB thumbnail at ``mpp`` µm/px. Pure: numpy in, numpy out."""
     cfg = cfg or TissueConfig()
     img = cv2.medianBlur(rgb, cfg.median_ksize) if cfg.median_ksize > 1 else rgb
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
     if cfg.method == "saturation":
-        channel = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)[..., 1]
+        channel = hsv[..., 1]
         thr, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         mask = channel > max(thr, cfg.threshold_min)
     else:
@@ -60,7 +64,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) 
         thr, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         mask = channel < min(thr, 255 - cfg.threshold_min)
     if cfg.remove_pen or cfg.remove_black:
-        mask &= ~pen_and_debris_mask(img, cfg)
+        mask &= ~pen_and_debris_mask(img, cfg, hsv)
     radius = int(round(cfg.close_um / mpp / 2))
     if radius >= 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))

@@ -68,6 +68,7 @@ class SlideReader:
         self.properties: dict = props
         self.mpp: float | None = None
         self.mpp_source: str | None = None
+        self.fast_thumbnail = True  # read_at_mpp may decode JPEG tiles pre-scaled (thumbnail.py)
 
     # -- geometry -------------------------------------------------------------------------------
     @property
@@ -133,6 +134,14 @@ class SlideReader:
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         f = (w0 / out_w) / ds  # level px per output px
+        factor = next((k for k in (8, 4, 2) if k <= f * 1.001), 1)
+        if factor > 1 and self.fast_thumbnail:  # decode the level already scaled (see thumbnail.py)
+            from .thumbnail import decode_level_scaled
+
+            img = decode_level_scaled(self.path, lw, lh, factor)
+            if img is not None:
+                img = img[: lh // factor, : lw // factor]  # whole-pixel extent, like the level itself
+                return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA), w0 / out_w
         rows_per_strip = max(1, int(max_strip_px / max(1, lw) / max(f, 1e-6)))
         out = np.empty((out_h, out_w, 3), np.uint8)
         for oy0 in range(0, out_h, rows_per_strip):

@@ -64,6 +64,14 @@ def _load_features(layout: Layout, slide_id: str, ens: Ensemble):
 
 
 def _tissue_mask(layout: Layout, slide_id: str) -> np.ndarray | None:
+    """The full-resolution tissue mask from the patch file (older files: the mask PNG)."""
+    import h5py
+
+    path = layout.patches(slide_id)
+    if path.is_file():
+        with h5py.File(path, "r") as fh:
+            if "tissue_mask" in fh:
+                return fh["tissue_mask"][:] > 0
     mask = cv2.imread(str(layout.mask(slide_id, "mask.png")), cv2.IMREAD_GRAYSCALE)
     return None if mask is None else mask > 127
 

@@ -6,9 +6,11 @@ The ``coords`` attributes are read unchanged by CLAM and TRIDENT (see :mod:`wsi_
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .. import __version__
@@ -72,19 +74,41 @@ def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
     return TileResult(slide_id, thumb, mask, scale, source, grid, attrs)
 
 
+QC_MAX_SIDE = 2048  # mask.png, qc.png and grid.png are for a person to look at; the full mask is in the h5
+
+
+def _capped(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    f = min(1.0, QC_MAX_SIDE / max(h, w))
+    img = mask.astype(np.uint8) * 255
+    if f < 1:
+        img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    return img
+
+
 def write_tiles(result: TileResult, layout: Layout) -> None:
-    """Masks and QC first, the patch file last (its existence marks the slide done)."""
-    sid = result.slide_id
-    write_png(layout.mask(sid, "mask.png"), result.mask.astype(np.uint8) * 255)
-    write_png(layout.mask(sid, "qc.png"), contour_qc(result.thumb, result.mask))
-    g = result.grid
-    write_png(layout.mask(sid, "grid.png"),
-              grid_qc(result.thumb, result.mask_scale, g.cells, g.shape, g.step_level0, g.patch_size_level0))
-    write_text(layout.mask(sid, "tissue.geojson"), json.dumps(mask_to_geojson(result.mask, result.mask_scale)))
+    """QC images and the GeoJSON on two threads (PNG encoding releases the GIL), then the patch file last
+    (its existence marks the slide done). The full-resolution mask goes into the patch file."""
+    sid, g = result.slide_id, result.grid
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [
+            pool.submit(write_png, layout.mask(sid, "mask.png"), _capped(result.mask)),
+            pool.submit(lambda: write_png(layout.mask(sid, "qc.png"), contour_qc(result.thumb, result.mask))),
+            pool.submit(lambda: write_png(layout.mask(sid, "grid.png"), grid_qc(
+                result.thumb, result.mask_scale, g.cells, g.shape, g.step_level0, g.patch_size_level0))),
+            pool.submit(lambda: write_text(layout.mask(sid, "tissue.geojson"),
+                                           json.dumps(mask_to_geojson(result.mask, result.mask_scale)))),
+        ]
+        for job in jobs:
+            job.result()  # re-raises a failed write
     write_h5(
         layout.patches(sid),
-        {"coords": g.coords, "grid_index": g.cells, "tissue_fraction": g.tissue_fraction},
-        {"coords": result.attrs, "/": {"slide_id": sid, "stage": "tile"}},
+        {"coords": g.coords, "grid_index": g.cells, "tissue_fraction": g.tissue_fraction,
+         "tissue_mask": result.mask.astype(np.uint8)},
+        {"coords": result.attrs, "tissue_mask": {"mpp": result.attrs["tissue_mpp"],
+                                                 "level0_per_px": float(result.mask_scale)},
+         "/": {"slide_id": sid, "stage": "tile"}},
+        compress=("tissue_mask",),
     )
 
 
