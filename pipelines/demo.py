@@ -71,7 +71,7 @@ def main() -> int:
     stage("tile", *slides, *common)
     stage("extract", *slides, *common, *enc)
     stage("train", *common, *enc, f"train.labels={out / 'labels.csv'}", "train.folds=3", "train.epochs=30",
-          "train.lr=0.001", "train.min_epochs=30")
+          "train.lr=0.0005", "train.min_epochs=30")
     stage("heatmap", *slides, *common, *enc, "heatmap.mpp=4")
     layout = Layout(out)
     summary = json.loads((layout.run_dir("default") / "summary.json").read_text())

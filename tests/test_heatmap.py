@@ -207,3 +207,11 @@ def test_every_kind_of_head_maps_and_per_class_heads_export_one_measurement_per_
             assert not summary["per_class_maps"] and "class_attention_logits" not in fh
     assert {"attention", "attention_percentile", "prob_a", "prob_b", "prob_c"} <= names
     assert (folder / "overlay.png").stat().st_size > 0 and (folder / "scores.zarr" / ".zattrs").is_file()
+
+
+def test_heatmap_folders_keep_run_names_with_dots():
+    from wsi_mil.config import load_config
+    from wsi_mil.stages.heatmap import run_name
+
+    assert run_name(load_config(None, ["train.run_name=lr0.0005"])) == "lr0.0005"
+    assert run_name(load_config(None, ["heatmap.run=/runs/x/fold_0.safetensors"])) == "fold_0"

@@ -38,7 +38,8 @@ def run_path(layout: Layout, cfg: Config) -> Path:
 
 
 def run_name(cfg: Config) -> str:
-    return Path(cfg.heatmap.run or cfg.train.run_name).stem
+    """The folder name under heatmaps/: the run's name, or a checkpoint's file name without .safetensors."""
+    return Path(cfg.heatmap.run or cfg.train.run_name).name.removesuffix(".safetensors")
 
 
 def ensemble(layout: Layout, cfg: Config) -> Ensemble:
