@@ -41,8 +41,8 @@ def _paired_p(a: list[float], b: list[float]) -> float:
     return float(ttest_rel(a, b).pvalue)
 
 
-def compare(runs: list[Path]) -> list[dict]:
-    loaded = [_load(r) for r in runs]
+def compare(runs: list[Path], loaded: list[dict] | None = None) -> list[dict]:
+    loaded = loaded or [_load(r) for r in runs]
     rows = []
     for item in loaded:
         row = {"run": item["run"], "model": item["model"], "n_folds": len(item["folds"])}
@@ -70,15 +70,14 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(runs: list[Path], path: Path) -> None:
+def _figure(loaded: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
-        item = _load(run)
+    for item in loaded:
         ax.plot([f["fold"] for f in item["folds"]], [f["auroc"] for f in item["folds"]], "o-", label=item["model"])
     ax.set_xlabel("fold")
     ax.set_ylabel("test AUROC")
@@ -90,8 +89,9 @@ def _figure(runs: list[Path], path: Path) -> None:
 
 
 def write_comparison(runs: list[Path], out_dir: Path) -> list[dict]:
-    rows = compare(runs)
+    loaded = [_load(r) for r in runs]
+    rows = compare(runs, loaded)
     write_csv(out_dir / "comparison.csv", rows)
     write_text(out_dir / "comparison.md", _markdown(rows))
-    _figure(runs, out_dir / "comparison.png")
+    _figure(loaded, out_dir / "comparison.png")
     return rows
