@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, text in HELP.items():
         sp = sub.add_parser(name, help=text, description=text)
-        sp.add_argument("--config", type=Path, help="YAML config (see wsi-mil config)")
-        if name == "compare":
+        if name == "compare":  # reads run folders only: no config, no overrides
             sp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (e.g. OUT/models/*)")
             sp.add_argument("--output", type=Path, help="where to write (default: the runs' parent folder)")
             continue
+        sp.add_argument("--config", type=Path, help="YAML config (see wsi-mil config)")
         if name != "config":
             sp.add_argument("--out", type=Path, required=True, help="output folder")
             sp.add_argument("-v", "--verbose", action="store_true")
