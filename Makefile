@@ -11,7 +11,7 @@ FORMAT ?= clam
 TO ?= $(OUT)/export_$(FORMAT)
 STAGE_ARGS = --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: help venv test lint demo bench tile extract train predict heatmap run export config clean
+.PHONY: help venv viewer-assets browser test lint demo bench tile extract train predict heatmap run export view config clean
 
 help:  ## list the targets
 	@echo "wsi_mil targets (variables: SLIDES=folder|csv OUT=folder CONFIG=file.yaml ARGS='key=value ...')"
@@ -23,13 +23,36 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,distributed]'
 	touch $@
 
-venv: $(VENV)/.installed  ## create .venv and install the package with dev extras
+venv: $(VENV)/.installed viewer-assets  ## create .venv and install the package with dev extras
+
+# The viewer's front-end libraries come from npm, pinned by package-lock.json, and are copied into the package
+# (git-ignored; the wheel carries them). No third-party JavaScript is committed.
+VENDOR := wsi_mil/viewer/static/vendor
+OSD_BUILD := node_modules/openseadragon/build/openseadragon
+
+viewer-assets: $(VENDOR)/openseadragon/openseadragon.min.js  ## OpenSeadragon from npm into the viewer
+
+$(VENDOR)/openseadragon/openseadragon.min.js: package.json package-lock.json
+	@if ! command -v npm >/dev/null; then \
+	  echo "viewer assets: npm not found; install Node.js and npm (apt-get install -y npm), then run make viewer-assets"; \
+	else \
+	  npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && rm -rf $(VENDOR)/openseadragon && \
+	  mkdir -p $(VENDOR)/openseadragon && cp -r $(OSD_BUILD)/openseadragon.min.js $(OSD_BUILD)/images $(VENDOR)/openseadragon/ && \
+	  cp node_modules/openseadragon/LICENSE.txt $(VENDOR)/openseadragon/ 2>/dev/null; touch $@; \
+	fi
+
+browser:  ## Debian's Chromium for the viewer's browser tests (installed when root with apt-get)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "browser: apt-get install chromium failed; the browser tests will skip"; \
+	  else echo "browser: no chromium and not root; the browser tests will skip (apt-get install -y chromium)"; fi; }
 
 lint: venv  ## ruff, and the layering contracts in pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check wsi_mil pipelines tests
 	$(VENV)/bin/lint-imports
 
-test: lint  ## lint, then the whole test suite
+test: lint browser  ## lint, then the whole test suite (browser tests in Debian's Chromium)
 	$(VENV)/bin/pytest -q
 
 demo: venv  ## whole pipeline on generated synthetic slides (demo_out/)
@@ -61,8 +84,11 @@ run: venv  ## tile -> extract -> predict (or train) -> heatmap on new slides  (S
 export: venv  ## features + patches in another tool's layout  (OUT=, FORMAT=clam|trident|torchmil, TO=)
 	$(WSI_MIL) export --format $(FORMAT) --to $(TO) $(STAGE_ARGS)
 
+view: venv  ## the study in the browser at http://127.0.0.1:8000/  (OUT=, ARGS='--slides DIR --port 8000')
+	$(WSI_MIL) view --out $(OUT) $(ARGS)
+
 config: venv  ## print the effective config as commented YAML  (CONFIG=, ARGS=)
 	$(WSI_MIL) config $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 clean:  ## remove outputs of demo and bench (keeps .venv)
-	rm -rf demo_out .bench out .pytest_cache
+	rm -rf demo_out .bench out .pytest_cache build/screenshots

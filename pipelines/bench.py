@@ -17,7 +17,7 @@ import numpy as np
 
 SECTIONS = ["tile", "extract", "train", "scale", "heatmap", "mil"]
 OPTIONS = argparse.Namespace(encoder="resnet50_trunc", batch=32, mil_dir="../shared/mil_benchmarks", mil_models="",
-                             mil_data="", mil_folds=10, mil_epochs=20, mil_batch=1)  # set by main()
+                             mil_data="", mil_folds=10, mil_epochs=20, mil_batch=1, mil_repeats=1)  # set by main()
 
 
 def timed(fn, repeat: int = 3):
@@ -306,7 +306,9 @@ MIL_DATA = ["ucsb_breast_cancer", "protein", "corel_dogs", "birds_brown_creeper"
 
 
 def _mil_job(job: tuple) -> tuple:
-    """One (data set, model, fold): standardise on the training bags, train with the ilse2018 recipe."""
+    """One (data set, model, repeat, fold): standardise on the training bags, train with the ilse2018 recipe.
+
+    Repeat r shuffles the stratified folds with seed r, so every model sees the same splits in a repeat."""
     import torch
 
     torch.set_num_threads(1)
@@ -316,9 +318,10 @@ def _mil_job(job: tuple) -> tuple:
     from wsi_mil.mil.data import Bag
     from wsi_mil.mil.train import fit, predict_bags
 
-    path, name, fold, folds, overrides = job
+    path, name, repeat, fold, folds, overrides = job
     bags_x, y = _mil_bags(path)
-    train_idx, test_idx = list(StratifiedKFold(folds, shuffle=True, random_state=0).split(np.zeros(len(y)), y))[fold]
+    splits = StratifiedKFold(folds, shuffle=True, random_state=repeat).split(np.zeros(len(y)), y)
+    train_idx, test_idx = list(splits)[fold]
     stack = np.concatenate([bags_x[i] for i in train_idx])
     mean, std = stack.mean(0), stack.std(0) + 1e-6
 
@@ -328,10 +331,10 @@ def _mil_job(job: tuple) -> tuple:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mil" / "ilse2018.yaml",
                       [f"model.name={name}", *overrides])
     t0 = time.perf_counter()
-    res = fit([bag(i) for i in train_idx], [], stack.shape[1], 2, cfg.model, cfg.train, seed=fold)
+    res = fit([bag(i) for i in train_idx], [], stack.shape[1], 2, cfg.model, cfg.train, seed=repeat * folds + fold)
     probs, _ = predict_bags(res.model, [bag(i) for i in test_idx])
-    acc = float((probs.argmax(1) == y[test_idx]).mean())
-    return Path(path).name.split(".")[0], name, fold, acc, time.perf_counter() - t0
+    correct = int((probs.argmax(1) == y[test_idx]).sum())
+    return Path(path).name.split(".")[0], name, repeat, correct, len(test_idx), time.perf_counter() - t0
 
 
 _MIL_CACHE: dict = {}
@@ -360,23 +363,26 @@ def bench_mil(cache: Path, quick: bool) -> None:
     names = OPTIONS.mil_models.split(",") if OPTIONS.mil_models else sorted(MODELS)
     data = OPTIONS.mil_data.split(",") if OPTIONS.mil_data else MIL_DATA
     folds = 3 if quick else OPTIONS.mil_folds
+    repeats = OPTIONS.mil_repeats
     overrides = [f"train.batch_size={OPTIONS.mil_batch}", f"train.epochs={OPTIONS.mil_epochs}",
                  f"train.min_epochs={OPTIONS.mil_epochs}"]
-    print(f"\n== mil: {folds}-fold CV bag accuracy, configs/mil/ilse2018.yaml with {' '.join(overrides)}, "
-          f"2 processes")
-    jobs = [(str(root / f"{d}.csv.gz"), n, k, folds, overrides) for d in data for n in names for k in range(folds)]
-    results: dict = {}
+    print(f"\n== mil: {folds}-fold CV bag accuracy x {repeats} repeat(s) (folds reshuffled per repeat, the same "
+          f"for every model), configs/mil/ilse2018.yaml with {' '.join(overrides)}, 2 processes")
+    jobs = [(str(root / f"{d}.csv.gz"), n, r, k, folds, overrides)
+            for d in data for r in range(repeats) for n in names for k in range(folds)]
+    tally: dict = {}  # (data, model) -> {repeat: [correct, total, seconds, folds done]}
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
-        for d, n, _k, acc, sec in pool.map(_mil_job, jobs):
-            results.setdefault((d, n), []).append((acc, sec))
-            if len(results[(d, n)]) == folds:
-                accs = [a for a, _ in results[(d, n)]]
-                print(f"  {d:22s} {n:12s} accuracy {np.mean(accs):.3f} ± {np.std(accs, ddof=1):.3f} "
-                      f"({sum(s for _, s in results[(d, n)]):.0f} s)", flush=True)
+        for d, n, r, correct, total, sec in pool.map(_mil_job, jobs):
+            t = tally.setdefault((d, n), {}).setdefault(r, [0, 0, 0.0, 0])
+            t[0], t[1], t[2], t[3] = t[0] + correct, t[1] + total, t[2] + sec, t[3] + 1
+            if t[3] == folds:
+                print(f"  {d:22s} {n:12s} repeat {r}: accuracy {t[0] / t[1]:.3f} ({t[2]:.0f} s)", flush=True)
     print("\n| model | " + " | ".join(data) + " |\n|---|" + "---|" * len(data))
-    for n in names:
-        cells = [f"{np.mean([a for a, _ in results[(d, n)]]):.3f} ± {np.std([a for a, _ in results[(d, n)]], ddof=1):.3f}"
-                 for d in data]
+    for n in names:  # each repeat's accuracy pools its folds' test bags; mean ± std over repeats
+        cells = []
+        for d in data:
+            accs = [c / t for c, t, _, _ in tally[(d, n)].values()]
+            cells.append(f"{np.mean(accs):.3f}" + (f" ± {np.std(accs, ddof=1):.3f}" if len(accs) > 1 else ""))
         print(f"| {n} | " + " | ".join(cells) + " |")
 
 
@@ -435,11 +441,14 @@ def main() -> int:
     ap.add_argument("--mil-data", default="", help="mil section: comma-separated data sets (default: all four)")
     ap.add_argument("--mil-folds", type=int, default=OPTIONS.mil_folds)
     ap.add_argument("--mil-epochs", type=int, default=OPTIONS.mil_epochs)
+    ap.add_argument("--mil-repeats", type=int, default=OPTIONS.mil_repeats,
+                    help="mil section: repetitions of the k-fold CV, each with its own shuffle")
     ap.add_argument("--mil-batch", type=int, default=OPTIONS.mil_batch, help="mil section: bags per step (recipe: 1)")
     args = ap.parse_args()
     OPTIONS.encoder, OPTIONS.batch = args.encoder, args.batch
     OPTIONS.mil_dir, OPTIONS.mil_models, OPTIONS.mil_data = args.mil_dir, args.mil_models, args.mil_data
     OPTIONS.mil_folds, OPTIONS.mil_epochs, OPTIONS.mil_batch = args.mil_folds, args.mil_epochs, args.mil_batch
+    OPTIONS.mil_repeats = args.mil_repeats
     args.cache.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
         if name not in SECTIONS:

@@ -29,6 +29,7 @@ HELP = {
     "run": "every stage in order (tile, extract, then train or predict, heatmap)",
     "export": "a study's features and patches in CLAM, TRIDENT or torchmil layout -> --to DIR",
     "compare": "MIL heads trained on the same folds, side by side -> comparison.{csv,md,png}",
+    "view": "the study in the browser: slides, predictions, deep-zoom heatmaps (http://127.0.0.1:8000/)",
     "config": "print the effective configuration (defaults + --config + overrides) as commented YAML",
 }
 log = logging.getLogger("wsi_mil")
@@ -42,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":  # reads run folders only: no config, no overrides
             sp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (e.g. OUT/models/*)")
             sp.add_argument("--output", type=Path, help="where to write (default: the runs' parent folder)")
+            continue
+        if name == "view":  # serves one output folder read-only: no config
+            sp.add_argument("--out", type=Path, required=True, help="the study's output folder")
+            sp.add_argument("--slides", type=Path, help="folder or CSV of the slides (default: paths the tile "
+                            "stage recorded)")
+            sp.add_argument("--run", help="which run's heatmaps to show (default: 'default' or the only one)")
+            sp.add_argument("--host", default="127.0.0.1", help="bind address; any but loopback needs the token")
+            sp.add_argument("--port", type=int, default=8000)
+            sp.add_argument("--open", action="store_true", help="open the study page in the browser")
             continue
         sp.add_argument("--config", type=Path, help="YAML config (see wsi-mil config)")
         if name != "config":
@@ -112,6 +122,11 @@ def dispatch(args, cfg: Config) -> int:
         out = args.output or runs[0].parent
         rows = write_comparison(runs, out)
         print(f"compare: {len(rows)} runs -> {out / 'comparison.md'}")
+        return 0
+    if args.stage == "view":
+        from .viewer.serve import serve
+
+        serve(args.out, args.slides, args.run, args.host, args.port, args.open)
         return 0
     if args.stage == "config":
         sys.stdout.write(render_config(cfg))

@@ -11,6 +11,8 @@
     OUT/heatmaps/<run>/<slide_id>/                heatmap (summary.json marks a slide done)
     OUT/.locks/<stage>/<slide_id>.lock            runner locks
 
+The viewer (``wsi-mil view``) only reads these; it writes nothing under OUT.
+
 Stages, the viewer and the tests ask this object for paths; nobody joins path pieces by hand. Slide ids
 and run names are checked to be plain file names before they are ever joined into a path.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 from .errors import WsiMilError
 
 MASK_KINDS = ("mask.png", "qc.png", "grid.png", "tissue.geojson")
+HEATMAP_FILES = ("summary.json", "scores.h5", "overlay.png", "heatmap.tiff", "patches.geojson")
 
 
 def check_name(name: str, what: str = "slide_id") -> str:
@@ -85,10 +88,19 @@ class Layout:
     def run_dir(self, run: str) -> Path:
         return self.models_dir / check_name(run, "run name")
 
+    def out_of_fold(self, run: str) -> Path:
+        """Train's out-of-fold predictions (slide_id, label, prob_<class>, pred)."""
+        return self.run_dir(run) / "predictions.csv"
+
     def predictions(self, run: str) -> Path:
         return self.root / "predictions" / f"{check_name(run, 'run name')}.csv"
 
     # -- heatmap ----------------------------------------------------------------------------------
+    def heatmap_runs(self) -> list[str]:
+        """Names of the runs that have a heatmaps/ folder."""
+        root = self.root / "heatmaps"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
     def heatmaps_dir(self, run: str) -> Path:
         return self.root / "heatmaps" / check_name(run, "run name")
 
@@ -97,3 +109,8 @@ class Layout:
 
     def heatmap_summary(self, run: str, slide_id: str) -> Path:
         return self.heatmap_dir(run, slide_id) / "summary.json"
+
+    def heatmap_file(self, run: str, slide_id: str, name: str) -> Path:
+        if name not in HEATMAP_FILES:
+            raise ValueError(f"unknown heatmap output '{name}'")
+        return self.heatmap_dir(run, slide_id) / name

@@ -1,0 +1,153 @@
+"""The study one viewer serves: the slides of an output folder and what the stages recorded for each.
+
+Everything is read through :class:`~wsi_mil.layout.Layout`. A slide id from a URL is only ever looked up in
+:attr:`Study.slides`; it is never joined into a path. Files are served only if they resolve inside the
+output folder (a symlink out of the study is treated as absent).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import h5py
+
+from ..errors import WsiMilError
+from ..layout import Layout, check_name
+from ..runner.manifest import read_manifest
+from ..slide.discover import discover_slides
+from ..userfiles import read_csv_rows
+
+STAGES = ("tile", "extract", "heatmap")
+
+
+@dataclass
+class SlideEntry:
+    slide_id: str
+    path: Path | None = None
+    label: str | None = None
+    prediction: str | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    n_patches: int | None = None
+    status: dict[str, str] = field(default_factory=dict)  # stage -> done | failed | skipped
+    reasons: list[str] = field(default_factory=list)  # "stage: one-line reason" of failed stages
+    has_heatmap: bool = False
+
+    @property
+    def probability(self) -> float | None:
+        return self.probabilities.get(self.prediction) if self.prediction else None
+
+    def to_json(self) -> dict:
+        row = asdict(self)
+        row["path"] = None if self.path is None else self.path.name
+        row["probability"] = self.probability
+        row["viewable"] = self.path is not None
+        return row
+
+
+class Study:
+    """The slides of ``out`` (manifest, patches, heatmaps of ``run``, and ``slides`` when given)."""
+
+    def __init__(self, out: str | Path, slides: str | Path | None = None, run: str | None = None,
+                 extensions: list[str] | None = None):
+        self.layout = Layout(Path(out))
+        if not self.layout.root.is_dir():
+            raise WsiMilError(f"--out {out}: no such output folder")
+        self._root = self.layout.root.resolve()
+        runs = self.layout.heatmap_runs()
+        if run is not None and run not in runs and not self.layout.run_dir(run).is_dir():
+            raise WsiMilError(f"--run {run}: no such run in {out} (runs with heatmaps: {', '.join(runs) or 'none'})")
+        self.run = run or ("default" if "default" in runs else (runs[0] if runs else "default"))
+        self.slides = self._load(slides, extensions or [".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide",
+                                                        ".bif", ".vms", ".vmu"])
+
+    # -- files ------------------------------------------------------------------------------------
+    def inside(self, path: Path) -> Path | None:
+        """``path`` if it is a regular file that resolves inside the study (no symlink out), else None."""
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        return real if real.is_file() and real.is_relative_to(self._root) else None
+
+    def heatmap_file(self, slide_id: str, name: str) -> Path | None:
+        return self.inside(self.layout.heatmap_file(self.run, slide_id, name))
+
+    def heatmap_summary(self, slide_id: str) -> dict | None:
+        path = self.heatmap_file(slide_id, "summary.json")
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def patches_file(self, slide_id: str) -> Path | None:
+        return self.inside(self.layout.patches(slide_id))
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _load(self, source, extensions) -> dict[str, SlideEntry]:
+        entries: dict[str, SlideEntry] = {}
+
+        def entry(slide_id: str) -> SlideEntry | None:
+            try:
+                check_name(slide_id)
+            except WsiMilError:
+                return None
+            return entries.setdefault(slide_id, SlideEntry(slide_id))
+
+        if source is not None:
+            for ref in discover_slides(source, extensions):
+                e = entry(ref.slide_id)
+                if e is not None:
+                    e.path = ref.path
+        for row in read_manifest(self.layout.manifest):
+            e = entry(row.get("slide_id", ""))
+            if e is None or row.get("stage") not in STAGES + ("predict",):
+                continue
+            e.status[row["stage"]] = row.get("status", "")
+            if row.get("status") == "failed":
+                e.reasons.append(f"{row['stage']}: {row.get('reason', '')}")
+        if self.layout.patches_dir.is_dir():
+            for p in sorted(self.layout.patches_dir.glob("*.h5")):
+                entry(p.stem)
+        if self.layout.heatmaps_dir(self.run).is_dir():
+            for p in sorted(self.layout.heatmaps_dir(self.run).iterdir()):
+                if p.is_dir():
+                    entry(p.name)
+        labels = self._csv_by_slide(self.layout.out_of_fold(self.run))
+        predicted = {**labels, **self._csv_by_slide(self.layout.predictions(self.run))}
+        for sid, e in entries.items():
+            self._fill(e, labels.get(sid), predicted.get(sid))
+        return dict(sorted(entries.items()))
+
+    def _csv_by_slide(self, path: Path) -> dict[str, dict]:
+        if self.inside(path) is None:
+            return {}
+        try:
+            return {r.get("slide_id", ""): r for r in read_csv_rows(path, path.name)}
+        except WsiMilError:
+            return {}
+
+    def _fill(self, e: SlideEntry, labelled: dict | None, predicted: dict | None) -> None:
+        patches = self.patches_file(e.slide_id)
+        if patches is not None:
+            try:
+                with h5py.File(patches, "r") as fh:
+                    e.n_patches = int(fh["coords"].shape[0])
+                    recorded = fh["coords"].attrs.get("slide_path")
+            except (OSError, KeyError):
+                recorded = None
+            if e.path is None and recorded:
+                e.path = Path(str(recorded)) if Path(str(recorded)).is_file() else None
+        if labelled and labelled.get("label"):
+            e.label = labelled["label"]
+        summary = self.heatmap_summary(e.slide_id)
+        if summary is not None:
+            e.has_heatmap = summary.get("n_patches", 0) > 0 and self.heatmap_file(e.slide_id, "scores.h5") is not None
+            e.prediction = summary.get("prediction")
+            e.probabilities = {str(k): float(v) for k, v in (summary.get("probabilities") or {}).items()}
+        elif predicted:
+            e.prediction = predicted.get("pred") or None
+            e.probabilities = {k[5:]: float(v) for k, v in predicted.items() if k.startswith("prob_") and v}
