@@ -1,6 +1,6 @@
 """`make bench`: throughput figures, measured inside this process (no interpreter start-up).
 
-Sections (``--only tile,extract,train,scale,heatmap,mil``); each prints its figures and ratios taken in one run.
+Sections (``--only tile,extract,train,scale,heatmap,mil,view``); each prints its figures and ratios taken in one run.
 Large synthetic inputs are generated once and cached under ``--cache`` (default ``.bench/``).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-SECTIONS = ["tile", "extract", "train", "scale", "heatmap", "mil"]
+SECTIONS = ["tile", "extract", "train", "scale", "heatmap", "mil", "view"]
 OPTIONS = argparse.Namespace(encoder="resnet50_trunc", batch=32, mil_dir="../shared/mil_benchmarks", mil_models="",
                              mil_data="", mil_folds=10, mil_epochs=20, mil_batch=1, mil_repeats=1)  # set by main()
 
@@ -386,9 +386,10 @@ def bench_mil(cache: Path, quick: bool) -> None:
         print(f"| {n} | " + " | ".join(cells) + " |")
 
 
-def bench_heatmap(cache: Path, quick: bool) -> None:
-    import json
-
+def mapped_study(cache: Path, path: Path, out_name: str):
+    """``path`` tiled at 224 px / 0.25 µm/px with random 1024-d features and a random 5-fold ensemble
+    (outputs under cache/out_name, reused): what the heatmap stage and the viewer need. Returns
+    (layout, config, coords)."""
     import torch
 
     from wsi_mil.config import load_config
@@ -398,12 +399,9 @@ def bench_heatmap(cache: Path, quick: bool) -> None:
     from wsi_mil.mil.ensemble import write_run_summary
     from wsi_mil.mil.models import build_model
     from wsi_mil.slide import SlideRef
-    from wsi_mil.stages.heatmap import heatmap_slide
     from wsi_mil.stages.tile import tile_slide
 
-    w, h = (20000, 16000) if quick else (100_000, 80_000)
-    path = big_slide(cache, w, h, 0.25)
-    out = Layout(cache / "heatmap_out")
+    out = Layout(cache / out_name)
     cfg = load_config(None, ["tiling.target_mpp=0.25", "tiling.patch_size=224", "encoder.name=bench_enc",
                              "runner.overwrite=true"])
     if not out.patches(path.stem).exists():
@@ -414,19 +412,133 @@ def bench_heatmap(cache: Path, quick: bool) -> None:
         rng = np.random.default_rng(0)
         write_h5(feats, {"features": rng.standard_normal((len(coords), 1024), np.float32), "coords": coords},
                  {"features": {"encoder_id": "bench_enc"}, "coords": attrs}, chunk_rows=1024)
-    m = cfg.model
-    for fold in range(5):
-        torch.manual_seed(fold)
-        model = build_model(m, 1024, 2)
-        save_checkpoint(out.run_dir("default") / f"fold_{fold}.safetensors", model,
-                        CheckpointMeta(m.model_dump(), {"normal": 0, "tumour": 1}, 1024, "bench_enc", fold))
-    write_run_summary(out.run_dir("default"), {"fold_files": [f"fold_{k}.safetensors" for k in range(5)]})
+    if not (out.run_dir("default") / "summary.json").exists():
+        m = cfg.model
+        for fold in range(5):
+            torch.manual_seed(fold)
+            model = build_model(m, 1024, 2)
+            save_checkpoint(out.run_dir("default") / f"fold_{fold}.safetensors", model,
+                            CheckpointMeta(m.model_dump(), {"normal": 0, "tumour": 1}, 1024, "bench_enc", fold))
+        write_run_summary(out.run_dir("default"), {"fold_files": [f"fold_{k}.safetensors" for k in range(5)]})
+    return out, cfg, coords
+
+
+def bench_heatmap(cache: Path, quick: bool) -> None:
+    import json
+
+    from wsi_mil.slide import SlideRef
+    from wsi_mil.stages.heatmap import heatmap_slide
+
+    w, h = (20000, 16000) if quick else (100_000, 80_000)
+    path = big_slide(cache, w, h, 0.25)
+    out, cfg, coords = mapped_study(cache, path, "heatmap_out")
     print(f"\n== heatmap: {len(coords):,} patches from cached 1024-d features, 5-fold ensemble, every export "
           f"({', '.join(cfg.heatmap.exports)}), raster {cfg.heatmap.mpp} µm/px, no refinement")
     seconds, _ = timed(lambda: heatmap_slide(SlideRef(path.stem, path), cfg, out), repeat=3)
     summary = json.loads(out.heatmap_summary("default", path.stem).read_text())
     print(f"  seconds per slide     : {seconds:.2f} s (median of 3, in-process, model loaded once)")
     print(f"  raster                : {summary['raster_shape'][1]} x {summary['raster_shape'][0]} px")
+
+
+def _tile_urls(meta: dict, coords: np.ndarray, size0: float, level: int, kind: str, n: int, rng) -> list[str]:
+    """``n`` distinct tile URLs of one kind at one Deep Zoom level, over tissue (patch centres)."""
+    scale = 2 ** (meta["levels"] - 1 - level)
+    cells = np.unique(((coords + size0 / 2) / scale // meta["tile_size"]).astype(int), axis=0)
+    cells = cells[rng.permutation(len(cells))[:n]]
+    sid = meta["slide_id"]
+    if kind == "slide":
+        return [f"/tiles/{sid}/slide/{level}/{c}_{r}.jpeg" for c, r in cells]
+    return [f"/tiles/{sid}/overlay/{meta['default_map']}/jet/{level}/{c}_{r}.png" for c, r in cells]
+
+
+def _load(port: int, urls: list[str], clients: int = 8) -> list[float]:
+    """Fetch every URL once from ``clients`` threads (keep-alive, 127.0.0.1 only); seconds per request."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [urls[i::clients] for i in range(clients)]
+
+    def run(chunk):
+        conn, times = http.client.HTTPConnection("127.0.0.1", port, timeout=10), []
+        for url in chunk:
+            t0 = time.perf_counter()
+            conn.request("GET", url)
+            res = conn.getresponse()
+            body = res.read()
+            times.append(time.perf_counter() - t0)
+            if res.status != 200 or not body:
+                raise RuntimeError(f"{url}: HTTP {res.status}")
+        conn.close()
+        return times
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [t for times in pool.map(run, chunks) for t in times]
+
+
+def bench_view(cache: Path, quick: bool) -> None:
+    """Tile latency of ``wsi-mil view`` (a separate server process) under 8 concurrent local clients."""
+    import json
+    import socket
+    import subprocess
+    import urllib.request
+
+    from wsi_mil.h5io import read_coords
+    from wsi_mil.slide import SlideRef
+    from wsi_mil.stages.heatmap import heatmap_slide
+
+    w, h = (20000, 16000) if quick else (100_000, 80_000)
+    slide = pyramid_slide(cache, "aperio 1/4/16/64", w, h)  # what scanners write, not a level at every 2x
+    out, cfg, coords = mapped_study(cache, slide, "view_out")
+    if not out.heatmap_summary("default", slide.stem).exists():
+        heatmap_slide(SlideRef(slide.stem, slide), cfg, out)
+    size0 = float(read_coords(out.patches(slide.stem))[1]["patch_size_level0"])
+    listing = cache / "view_slides.csv"
+    listing.write_text(f"path\n{slide.resolve()}\n")
+    n = 64 if quick else 240
+    print(f"\n== view: {slide.name} ({w:,} x {h:,}, JPEG, levels 1/4/16/64), 256-px tiles, {n} requests per row from 8 concurrent "
+          f"keep-alive clients, server = `wsi-mil view` in its own process on 127.0.0.1 (2 cores shared)")
+
+    def start():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "wsi_mil.cli", "view", "--out", str(out.root), "--slides",
+                                 str(listing), "--port", str(port)], stdout=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/study", timeout=2):
+                    return proc, port
+            except OSError:
+                time.sleep(0.2)
+        proc.kill()
+        raise RuntimeError("the viewer did not start within 60 s")
+
+    rng = np.random.default_rng(0)
+    proc, port = start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/slides/{slide.stem}", timeout=30) as res:
+            meta = json.load(res)
+        deepest = meta["levels"] - 1
+        # the overview: the coarsest level with n distinct tissue tiles (every cold request a new tile)
+        overview = min(lv for lv in range(deepest + 1) if len(_tile_urls(meta, coords, size0, lv, "slide", n, rng)) >= n)
+        rows = [(kind, name, level) for kind in ("slide", "overlay")
+                for name, level in (("deepest", deepest), ("overview", overview))]
+        urls = {r: _tile_urls(meta, coords, size0, r[2], r[0], n, rng) for r in rows}
+        print(f"  levels: deepest {deepest} (1 level-0 px per px), overview {overview} "
+              f"(1:{2 ** (deepest - overview)}, {w // 2 ** (deepest - overview)} px wide)")
+        print(f"  {'tiles':22s} {'n':>4s} {'cold p50':>9s} {'cold p95':>9s} {'warm p50':>9s} {'warm p95':>9s}")
+        for r in rows:
+            _load(port, [f"/api/slides/{slide.stem}"], 1)  # the slide opened, its raster built: not a tile's cost
+            cold = _load(port, urls[r])
+            warm = _load(port, urls[r])
+            c, wm = np.array(cold) * 1000, np.array(warm) * 1000
+            print(f"  {r[0] + ' ' + r[1]:22s} {len(cold):4d} {np.percentile(c, 50):7.1f}ms {np.percentile(c, 95):7.1f}ms "
+                  f"{np.percentile(wm, 50):7.1f}ms {np.percentile(wm, 95):7.1f}ms", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print("  target: cold p95 <= 100 ms for a 256-px tile on 2 cores; warm far less")
 
 
 def main() -> int:

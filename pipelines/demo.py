@@ -83,6 +83,8 @@ def main() -> int:
     print(f"  patch-level AUROC of attention vs ground-truth tumour: {patch_auroc(out, 'default'):.3f}")
     print(f"  overlay PNG           : {layout.heatmap_dir('default', 'syn_001') / 'overlay.png'}")
     print(f"  outputs               : {out}/{{patches,masks,features,models,heatmaps}}, {out / 'manifest.csv'}")
+    print(f"\nsee it in the browser   : wsi-mil view --out {out}   (or: make view OUT={out}; then open "
+          "http://127.0.0.1:8000/)")
     return 0
 
 

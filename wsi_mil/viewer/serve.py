@@ -13,6 +13,11 @@ from .study import Study
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+def token_for(host: str) -> str | None:
+    """Like Jupyter: no token on loopback; any other bind address gets a fresh random one."""
+    return None if host in LOOPBACK else secrets.token_urlsafe(24)
+
+
 def view_url(host: str, port: int, token: str | None) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
@@ -24,7 +29,7 @@ def serve(out: Path, slides: Path | None = None, run: str | None = None, host: s
     if missing:
         raise WsiMilError(missing)
     study = Study(out, slides, run)
-    token = None if host in LOOPBACK else secrets.token_urlsafe(24)  # like Jupyter: off loopback, a token
+    token = token_for(host)
     app = create_app(study, token)
     url = view_url(host, port, token)
     print(f"wsi-mil view: {len(study.slides)} slides of {out} (run {study.run}) at {url}", flush=True)
