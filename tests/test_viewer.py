@@ -329,7 +329,17 @@ def page(browser):
         d.dismiss()
 
     page.on("dialog", on_dialog)
+    page.outside = []  # offline: nothing may be fetched from anywhere but the viewer itself
+
+    def route(r):
+        if r.request.url.startswith("http://127.0.0.1:"):
+            return r.continue_()
+        page.outside.append(r.request.url)
+        return r.abort()
+
+    page.route("**/*", route)
     yield page
+    assert page.outside == [], f"fetched from outside the viewer: {page.outside}"
     context.close()
 
 
@@ -404,6 +414,7 @@ def test_names_labels_and_reasons_are_shown_as_text_and_no_script_runs(study, se
     page.wait_for_function("window.wsi && window.wsi.ready", timeout=20000)
     assert page.inner_text("#title") == XSS_ID
     page.wait_for_timeout(500)
+    shot(page, "slide_page_awkward_name")
     assert page.dialogs == [] and page.problems == []
 
 

@@ -71,7 +71,7 @@ class ByteCache:
 class Views:
     """One open :class:`SlideView` per slide, the least recently used closed beyond ``limit``."""
 
-    def __init__(self, study: Study, limit: int = 32):
+    def __init__(self, study: Study, limit: int = 8):
         self.study, self.limit = study, limit
         self._views: OrderedDict = OrderedDict()
         self._lock = threading.Lock()

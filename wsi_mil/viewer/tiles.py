@@ -148,7 +148,7 @@ class SlideView:
                     return None
                 ds = max(s["size0"] / 4, max(self.width, self.height) / MAX_RASTER_SIDE, 1.0)
                 r = score_raster(s["coords"], s["maps"][name] / 100.0, s["size0"], self.width, self.height, ds)
-                self.__dict__[key] = (clip_to_tissue(r, self.tissue_mask), ds)
+                self.__dict__[key] = (clip_to_tissue(r, self.tissue_mask).astype(np.float16), ds)  # 256 levels
             return self.__dict__[key]
 
     def overlay_tile(self, name: str, cmap: str, level: int, col: int, row: int) -> bytes | None:
@@ -160,7 +160,7 @@ class SlideView:
         f = self.level_scale(level)
         xs = np.minimum(((x0 + np.arange(w) + 0.5) * f / ds).astype(np.int64), raster.shape[1] - 1)
         ys = np.minimum(((y0 + np.arange(h) + 0.5) * f / ds).astype(np.int64), raster.shape[0] - 1)
-        vals = raster[np.ix_(ys, xs)]
+        vals = raster[np.ix_(ys, xs)].astype(np.float32)
         finite = np.isfinite(vals)
         rgba = lut(cmap)[np.clip(np.nan_to_num(vals) * 255, 0, 255).astype(np.uint8)]
         rgba[..., 3] = np.where(finite, 255, 0)
