@@ -102,3 +102,59 @@ def test_real_slide_tissue_is_the_central_section():
     assert mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4].mean() > mask.mean()  # the section is central
     # the tissue is where the slide is not white
     assert thumb[mask].mean() < thumb[~mask].mean() - 20
+
+
+@pytest.mark.parametrize("density", [0.002, 0.2])  # a few components (cleared box by box), and many specks
+def test_small_components_are_removed_exactly_as_skimage_does(density):
+    from skimage.morphology import remove_small_objects
+
+    from wsi_mil.tissue import _remove_small
+
+    rng = np.random.default_rng(int(density * 1000))
+    mask = cv2.dilate((rng.random((400, 500)) < density).astype(np.uint8), np.ones((3, 3), np.uint8),
+                      iterations=int(rng.integers(1, 4)))
+    mask[50:200, 60:300] = 1  # one large component
+    for min_px in (2, 30, 200):
+        expected = remove_small_objects(mask.astype(bool), max_size=min_px - 1, connectivity=2)
+        got = _remove_small(mask, min_px)
+        assert got.dtype == np.uint8 and np.array_equal(got.astype(bool), expected), min_px
+
+
+def test_qc_images_are_capped_and_the_mask_keeps_full_resolution(slide_factory, tmp_path):
+    import h5py
+
+    from wsi_mil.layout import Layout
+    from wsi_mil.qc import QC_SIDE
+    from wsi_mil.slide import SlideRef
+    from wsi_mil.stages.tile import QC_MAX_SIDE, tile_slide
+
+    path = slide_factory("qc_big", width=4096, height=3072, mpp=0.5, seed=5, tumour=True)
+    cfg = load_config(None, ["tissue.mpp=0.75"])  # a 2731 x 2048 px mask
+    tile_slide(SlideRef("qc_big", path), cfg, Layout(tmp_path))
+    layout = Layout(tmp_path)
+    with h5py.File(layout.patches("qc_big")) as fh:
+        mask = fh["tissue_mask"][:]
+    assert max(mask.shape) == round(4096 * 0.5 / 0.75)
+    for kind, cap in (("qc.png", QC_SIDE[1]), ("grid.png", QC_SIDE[1]), ("mask.png", QC_MAX_SIDE)):
+        img = cv2.imread(str(layout.mask("qc_big", kind)))
+        assert max(img.shape[:2]) == min(cap, max(mask.shape)), kind
+        assert abs(img.shape[1] / img.shape[0] - mask.shape[1] / mask.shape[0]) < 0.01, kind
+
+
+@pytest.mark.parametrize("pen,black", [(True, True), (True, False), (False, True)])
+def test_pen_and_debris_rules_hold_on_every_hsv_value(pen, black):
+    """The documented ink rules, restated in numpy, against the lookup-table implementation on random
+    HSV pixels (every hue, saturation and value), before the 3x3 dilation."""
+    from wsi_mil.tissue import pen_and_debris_mask
+
+    rng = np.random.default_rng(3)
+    hsv = np.stack([rng.integers(0, 181, (300, 300)), rng.integers(0, 256, (300, 300)),
+                    rng.integers(0, 256, (300, 300))], -1).astype(np.uint8)
+    h, s, v = (hsv[..., i].astype(int) for i in range(3))
+    ink = (((35 <= h) & (h <= 95) & (s > 50)) | ((95 < h) & (h <= 128) & (s > 90))
+           | (((h <= 8) | (h >= 172)) & (s > 140) & (v < 235)))
+    expected = (ink & pen) | ((v < 45) & black)
+    expected = cv2.dilate(expected.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    cfg = TissueConfig(remove_pen=pen, remove_black=black)
+    got = pen_and_debris_mask(np.zeros_like(hsv), cfg, hsv)
+    assert expected.any() and np.array_equal(got, expected)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-QC_SIDE = (1000, 2000)  # QC images are scaled so their long side falls in this range
+QC_SIDE = (1000, 1600)  # QC images are scaled so their long side falls in this range (a person looks at them)
 
 
-def _fit(image: np.ndarray) -> tuple[np.ndarray, float]:
+def fit_qc(image: np.ndarray) -> tuple[np.ndarray, float]:
     h, w = image.shape[:2]
     f = min(max(1.0, QC_SIDE[0] / max(h, w)), QC_SIDE[1] / max(h, w))
     if f != 1.0:
@@ -19,7 +19,7 @@ def _fit(image: np.ndarray) -> tuple[np.ndarray, float]:
 
 def contour_qc(thumb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """RGB thumbnail with the tissue contour drawn in green."""
-    img, f = _fit(thumb)
+    img, f = fit_qc(thumb)
     small = cv2.resize(mask.astype(np.uint8), (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(small, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     out = img.copy()
@@ -30,7 +30,7 @@ def contour_qc(thumb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def grid_qc(thumb: np.ndarray, thumb_scale: float, cells: np.ndarray, grid_shape: tuple[int, int],
             step0: float, size0: float) -> np.ndarray:
     """RGB thumbnail with kept patches tinted and outlined (vectorised; no per-patch drawing)."""
-    img, f = _fit(thumb)
+    img, f = fit_qc(thumb)
     h, w = img.shape[:2]
     cols, rows = grid_shape
     kept = np.zeros((max(rows, 1), max(cols, 1)), bool)
@@ -47,10 +47,11 @@ def grid_qc(thumb: np.ndarray, thumb_scale: float, cells: np.ndarray, grid_shape
     edge_x = np.r_[True, cx[1:] != cx[:-1]]
     edge_y = np.r_[True, cy[1:] != cy[:-1]]
     border = on & (edge_y[:, None] | edge_x[None, :])
-    out = img.astype(np.float32)
-    out[on] = out[on] * 0.7 + np.array([0, 200, 0], np.float32) * 0.3
+    out = np.ascontiguousarray(img).copy()
+    tint = cv2.addWeighted(out, 0.7, np.full_like(out, (0, 200, 0)), 0.3, 0)  # uint8 blend, no float copy
+    cv2.copyTo(tint, on.view(np.uint8), out)
     out[border] = (0, 110, 0)
-    return out.astype(np.uint8)
+    return out
 
 
 def write_png(path, rgb: np.ndarray) -> None:
@@ -59,6 +60,9 @@ def write_png(path, rgb: np.ndarray) -> None:
 
     img = rgb[..., ::-1] if rgb.ndim == 3 else rgb
     with atomic_path(path) as tmp:
-        params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]  # measured fastest
+        # measured fastest at the same size: deflate level 1, RLE, and the SUB filter alone (libpng's
+        # adaptive filter choice doubled the time on a 2000 x 1600 QC image for 2% smaller files)
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+                  cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
         if not cv2.imwrite(str(tmp), np.ascontiguousarray(img), params):
             raise OSError(f"could not write {path}")

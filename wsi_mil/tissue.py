@@ -21,33 +21,55 @@ def _px_area(area_um2: float, mpp: float) -> int:
     return int(round(area_um2 / (mpp * mpp)))
 
 
+PEN_HUES = ((35, 95, 50), (96, 128, 90), (0, 8, 140), (172, 180, 140))  # (h0, h1, s above): green, blue, red
+
+
 def pen_and_debris_mask(rgb: np.ndarray, cfg: TissueConfig, hsv: np.ndarray | None = None) -> np.ndarray:
-    """Pixels of red, green or blue marker ink, and (optionally) black debris (cv2.inRange on HSV, H in
-    [0, 180))."""
+    """Pixels of red, green or blue marker ink, and (optionally) black debris, on HSV (H in [0, 180)):
+    green 35 <= h <= 95 and s > 50; blue 95 < h <= 128 and s > 90; red h <= 8 or h >= 172, s > 140 and
+    v < 235; black v < 45. A hue lookup gives each pixel its saturation threshold (255 where no ink
+    hue: s > 255 never holds), so each rule is one pass of cv2 lookups and comparisons."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV) if hsv is None else hsv
+    h, s, v = cv2.split(hsv)
     out = np.zeros(rgb.shape[:2], np.uint8)
-    ranges = []
     if cfg.remove_pen:
-        ranges += [((35, 51, 0), (95, 255, 255)),  # green: 35 <= h <= 95, s > 50
-                   ((96, 91, 0), (128, 255, 255)),  # blue: 95 < h <= 128, s > 90
-                   ((0, 141, 0), (8, 255, 234)),  # red: h <= 8 or h >= 172, s > 140, v < 235
-                   ((172, 141, 0), (180, 255, 234))]
+        s_above = np.full(256, 255, np.uint8)
+        for h0, h1, above in PEN_HUES:
+            s_above[h0:h1 + 1] = above
+        red = np.zeros(256, np.uint8)
+        red[0:9], red[172:181] = 255, 255
+        ink = cv2.compare(s, cv2.LUT(h, s_above), cv2.CMP_GT)
+        bright_red = cv2.bitwise_and(cv2.LUT(h, red), cv2.compare(v, 234, cv2.CMP_GT))
+        out = cv2.bitwise_and(ink, cv2.bitwise_not(bright_red))
     if cfg.remove_black:
-        ranges.append(((0, 0, 0), (180, 255, 44)))  # v < 45
-    for lo, hi in ranges:
-        cv2.bitwise_or(out, cv2.inRange(hsv, lo, hi), dst=out)
+        cv2.bitwise_or(out, cv2.compare(v, 44, cv2.CMP_LE), dst=out)
     if out.any():
         out = cv2.dilate(out, np.ones((3, 3), np.uint8))
     return out.astype(bool)
 
 
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """``mask`` without its 8-connected components smaller than ``min_px`` (uint8 0/1 in, uint8 out).
+
+    Only the small components are cleared, each inside its own bounding box: no full-size relabelling
+    pass when (as usual) there are few of them or none."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
     if min_px <= 1:
         return mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
-    keep[0] = False
-    return np.take(keep, labels)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    small = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] < min_px) + 1
+    if len(small) == 0:
+        return mask
+    out = mask.copy()
+    if len(small) > 64:  # many specks: one lookup over the whole image is cheaper than many boxes
+        keep = np.ones(n, np.uint8)
+        keep[0], keep[small] = 0, 0
+        return np.take(keep, labels).astype(np.uint8)
+    for i in small:
+        x, y, w, h = stats[i, :4]
+        box = out[y:y + h, x:x + w]
+        box[labels[y:y + h, x:x + w] == i] = 0
+    return out
 
 
 def detect_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) -> np.ndarray:
@@ -63,14 +85,15 @@ def detect_tissue(rgb: np.ndarray, mpp: float, cfg: TissueConfig | None = None) 
         channel = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
         thr, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         mask = channel < min(thr, 255 - cfg.threshold_min)
+    mask = mask.view(np.uint8)  # 0/1 from here on: cv2 works on it without copies
     if cfg.remove_pen or cfg.remove_black:
         mask &= ~pen_and_debris_mask(img, cfg, hsv)
     radius = int(round(cfg.close_um / mpp / 2))
     if radius >= 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
-    mask = ~_remove_small(~mask, _px_area(cfg.max_hole_area_um2, mpp) + 1)  # fill holes below the size
-    return _remove_small(mask, _px_area(cfg.min_area_um2, mpp))
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    mask = 1 - _remove_small(1 - mask, _px_area(cfg.max_hole_area_um2, mpp) + 1)  # fill holes below the size
+    return _remove_small(mask, _px_area(cfg.min_area_um2, mpp)).view(bool)
 
 
 # -- GeoJSON (QuPath) ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import WsiMilError
+from ..runner.memory import large_blocks_from_mmap
 from ..userfiles import read_csv_rows
 
 
@@ -86,22 +87,11 @@ def _n_instances(path: Path) -> int:
         return int(fh["features"].shape[0])
 
 
-def _large_blocks_from_mmap() -> None:
-    """Ask glibc to serve blocks >= 1 MiB with mmap, so an evicted bag's memory goes back to the system
-    instead of staying in a fragmented heap (measured: peak RSS drops by ~0.2 GB at 1 GB of cache)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
 class BagCache:
     """Bag features by file, least recently used first out, holding at most ``max_bytes``."""
 
     def __init__(self, max_bytes: float, dtype: torch.dtype = torch.float32):
-        _large_blocks_from_mmap()
+        large_blocks_from_mmap()  # an evicted bag's memory goes back to the system (~0.2 GB less peak RSS)
         self.max_bytes, self.dtype = float(max_bytes), dtype
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.bytes = 0

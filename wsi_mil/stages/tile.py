@@ -18,7 +18,8 @@ from ..atomic import write_text
 from ..config import Config, config_to_dict
 from ..h5io import check_patch_file, write_h5
 from ..layout import Layout
-from ..qc import contour_qc, grid_qc, write_png
+from ..qc import contour_qc, fit_qc, grid_qc, write_png
+from ..runner.memory import reuse_large_blocks
 from ..slide import SlideRef
 from ..tiling import Grid, make_grid, patch_read_geometry, reader_attrs
 from ..tissue import detect_tissue, load_user_geojson, mask_to_geojson
@@ -47,7 +48,12 @@ def segment(reader, cfg: Config, slide_id: str) -> tuple[np.ndarray, np.ndarray,
 
 def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
     """Pure per-slide tiling: an open reader in, mask + grid + attrs out (nothing written)."""
-    thumb, mask, scale, source = segment(reader, cfg, slide_id)
+    return grid_tiles(reader, cfg, slide_id, *segment(reader, cfg, slide_id))
+
+
+def grid_tiles(reader, cfg: Config, slide_id: str, thumb: np.ndarray, mask: np.ndarray, scale: float,
+               source: str) -> TileResult:
+    """The patch grid and its attributes for a segmented slide."""
     w0, h0 = reader.dimensions
     grid = make_grid(w0, h0, reader.mpp, mask, scale, cfg.tiling)
     level, size_at_level = patch_read_geometry(reader, cfg.tiling.target_mpp, grid.patch_size_level0)
@@ -74,7 +80,7 @@ def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
     return TileResult(slide_id, thumb, mask, scale, source, grid, attrs)
 
 
-QC_MAX_SIDE = 2048  # mask.png, qc.png and grid.png are for a person to look at; the full mask is in the h5
+QC_MAX_SIDE = 2048  # mask.png is for a person to look at; the full mask is in the h5
 
 
 def _capped(mask: np.ndarray) -> np.ndarray:
@@ -86,36 +92,64 @@ def _capped(mask: np.ndarray) -> np.ndarray:
     return img
 
 
-def write_tiles(result: TileResult, layout: Layout) -> None:
-    """QC images and the GeoJSON on two threads (PNG encoding releases the GIL), then the patch file last
-    (its existence marks the slide done). The full-resolution mask goes into the patch file."""
-    sid, g = result.slide_id, result.grid
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [
-            pool.submit(write_png, layout.mask(sid, "mask.png"), _capped(result.mask)),
-            pool.submit(lambda: write_png(layout.mask(sid, "qc.png"), contour_qc(result.thumb, result.mask))),
-            pool.submit(lambda: write_png(layout.mask(sid, "grid.png"), grid_qc(
-                result.thumb, result.mask_scale, g.cells, g.shape, g.step_level0, g.patch_size_level0))),
-            pool.submit(lambda: write_text(layout.mask(sid, "tissue.geojson"),
-                                           json.dumps(mask_to_geojson(result.mask, result.mask_scale)))),
-        ]
-        for job in jobs:
-            job.result()  # re-raises a failed write
+def _mask_outputs(pool, layout: Layout, sid: str, thumb: np.ndarray, mask: np.ndarray, scale: float) -> list:
+    """The QC-sized thumbnail (a future, submitted first so that jobs waiting on it never starve it),
+    then mask.png, qc.png and tissue.geojson, all on ``pool`` (resizing and PNG encoding release the GIL)."""
+    fitted = pool.submit(fit_qc, thumb)  # one resize for both QC images
+    return [
+        fitted,
+        pool.submit(lambda: write_png(layout.mask(sid, "mask.png"), _capped(mask))),
+        pool.submit(lambda: write_png(layout.mask(sid, "qc.png"), contour_qc(fitted.result()[0], mask))),
+        pool.submit(lambda: write_text(layout.mask(sid, "tissue.geojson"), json.dumps(mask_to_geojson(mask, scale)))),
+    ]
+
+
+def _grid_output(pool, layout: Layout, result: TileResult, fitted):
+    g = result.grid
+
+    def draw():
+        qc_thumb, f = fitted.result()
+        return grid_qc(qc_thumb, result.mask_scale / f, g.cells, g.shape, g.step_level0, g.patch_size_level0)
+
+    return pool.submit(lambda: write_png(layout.mask(result.slide_id, "grid.png"), draw()))
+
+
+def _patch_file(result: TileResult, layout: Layout) -> None:
+    g = result.grid
     write_h5(
-        layout.patches(sid),
+        layout.patches(result.slide_id),
         {"coords": g.coords, "grid_index": g.cells, "tissue_fraction": g.tissue_fraction,
          "tissue_mask": result.mask.astype(np.uint8)},
         {"coords": result.attrs, "tissue_mask": {"mpp": result.attrs["tissue_mpp"],
                                                  "level0_per_px": float(result.mask_scale)},
-         "/": {"slide_id": sid, "stage": "tile"}},
+         "/": {"slide_id": result.slide_id, "stage": "tile"}},
         compress=("tissue_mask",),
     )
 
 
+def write_tiles(result: TileResult, layout: Layout) -> None:
+    """QC images and the GeoJSON on two threads, then the patch file last (its existence marks the slide
+    done). The full-resolution mask goes into the patch file."""
+    with ThreadPoolExecutor(2) as pool:
+        jobs = _mask_outputs(pool, layout, result.slide_id, result.thumb, result.mask, result.mask_scale)
+        jobs.append(_grid_output(pool, layout, result, jobs[0]))
+        for job in jobs:
+            job.result()  # re-raises a failed write
+    _patch_file(result, layout)
+
+
 def tile_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str | None:
-    with open_configured(slide, cfg) as reader:
-        result = compute_tiles(reader, cfg, slide.slide_id)
-    write_tiles(result, layout)
+    """Segment, then write the mask's outputs on two threads while the grid is laid; the patch file last."""
+    sid = slide.slide_id
+    reuse_large_blocks()  # each slide's 8-24 MB images reuse the last one's heap (see runner.memory)
+    with open_configured(slide, cfg) as reader, ThreadPoolExecutor(2) as pool:
+        thumb, mask, scale, source = segment(reader, cfg, sid)
+        jobs = _mask_outputs(pool, layout, sid, thumb, mask, scale)
+        result = grid_tiles(reader, cfg, sid, thumb, mask, scale, source)
+        jobs.append(_grid_output(pool, layout, result, jobs[0]))
+        for job in jobs:
+            job.result()  # re-raises a failed write
+    _patch_file(result, layout)
     n = len(result.grid.coords)
     return "no tissue found: 0 patches" if n == 0 else f"{n} patches"
 
@@ -133,4 +167,4 @@ STAGE = SlideStage(
     complete=_complete,
 )
 
-__all__ = ["STAGE", "TileResult", "compute_tiles", "segment", "tile_slide", "write_tiles"]
+__all__ = ["STAGE", "TileResult", "compute_tiles", "grid_tiles", "segment", "tile_slide", "write_tiles"]
