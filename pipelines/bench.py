@@ -17,7 +17,8 @@ import numpy as np
 
 SECTIONS = ["tile", "extract", "train", "scale", "heatmap", "mil", "view"]
 OPTIONS = argparse.Namespace(encoder="resnet50_trunc", batch=32, mil_dir="../shared/mil_benchmarks", mil_models="",
-                             mil_data="", mil_folds=10, mil_epochs=20, mil_batch=1, mil_repeats=1)  # set by main()
+                             mil_data="", mil_folds=10, mil_epochs=20, mil_batch=1, mil_repeats=1,
+                             clam="")  # set by main()
 
 
 def timed(fn, repeat: int = 3):
@@ -95,7 +96,6 @@ def bench_tile(cache: Path, quick: bool) -> None:
         print(f"  {name:18s} (downsamples {levels}): {seconds:.3f} s (median of 3), {n:,} patches, "
               f"tissue recall {recall:.3f}, precision {precision:.3f}", flush=True)
     # the command itself, in fresh processes: wall time minus an interpreter that only imports what it imports
-    import subprocess
 
     path = pyramid_slide(cache, "aperio 1/4/16/64", w, h)
     listing = cache / "tile_cli_slides.csv"
@@ -104,19 +104,60 @@ def bench_tile(cache: Path, quick: bool) -> None:
            str(cache / "tile_out" / "cli"), "--overwrite", "--no-progress"]
     imports = [sys.executable, "-c", "import wsi_mil.cli, wsi_mil.stages.tile, wsi_mil.stages.base"]
 
-    def wall(cmd):
+    whole = statistics.median(wall_in(cli, Path.cwd()) for _ in range(3))
+    start = statistics.median(wall_in(imports, Path.cwd()) for _ in range(3))
+    ours = whole - start
+    print(f"  as a command, aperio: `wsi-mil tile` {whole:.3f} s, interpreter + imports alone {start:.3f} s: "
+          f"{ours:.3f} s beyond start-up (a cold process: libraries the stage imports lazily, first "
+          f"allocations; medians of 3)")
+    clam = _clam_tiler(cache, path)
+    if clam is None:  # a figure from another machine and slide is a reference, never divided into a ratio
+        print("  reference (not measured here; pass --clam CLAM_CHECKOUT to time it): ~4.5 s was reported for "
+              "CLAM's create_patches_fp.py on a slide of this size; no ratio is claimed")
+    else:
+        print(f"  CLAM create_patches_fp.py --seg --patch --stitch, same slide, same grid (512 px at level 0), "
+              f"same run: {clam:.3f} s beyond its start-up: ratio CLAM / wsi-mil {clam / ours:.1f}x")
+
+
+def _clam_tiler(cache: Path, slide: Path) -> float | None:
+    """CLAM's tiler on ``slide`` as a command, seconds beyond its own interpreter + imports (median of 3), or
+    None when no runnable CLAM checkout was given. Never vendored: the user points at their own checkout."""
+    import shutil
+    import subprocess
+
+    if not OPTIONS.clam:
+        return None
+    root = Path(OPTIONS.clam).resolve()
+    imports = [sys.executable, "-c", "import wsi_core.WholeSlideImage, wsi_core.wsi_utils, "
+               "wsi_core.batch_process_utils, pandas"]
+    if not (root / "create_patches_fp.py").is_file() or subprocess.run(imports, cwd=root, capture_output=True).returncode:
+        print(f"  CLAM: {root} is not a runnable checkout here (create_patches_fp.py and its imports, e.g. "
+              f"pandas); not timed")
+        return None
+    src, out = (cache / "clam_src").resolve(), (cache / "clam_out").resolve()
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    (src / slide.name).symlink_to(slide.resolve())
+    cmd = [sys.executable, "create_patches_fp.py", "--source", str(src), "--save_dir", str(out), "--patch_size",
+           "512", "--step_size", "512", "--seg", "--patch", "--stitch"]
+
+    def run_clam():
+        shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - t0
 
-    whole = statistics.median(wall(cli) for _ in range(3))
-    start = statistics.median(wall(imports) for _ in range(3))
-    print(f"  as a command, aperio: `wsi-mil tile` {whole:.3f} s, interpreter + imports alone {start:.3f} s: "
-          f"{whole - start:.3f} s beyond start-up (a cold process: libraries the stage imports lazily, first "
-          f"allocations; medians of 3)")
-    # a figure from another machine and slide is printed as a reference, never divided into a ratio
-    print("  reference (not measured here): ~4.5 s was reported for the field's reference tiler on a slide of "
-          "this size; no ratio is claimed")
+    whole = statistics.median(run_clam() for _ in range(3))
+    start = statistics.median(wall_in(imports, root) for _ in range(3))
+    return whole - start
+
+
+def wall_in(cmd: list[str], cwd: Path) -> float:
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
 
 
 def _bench_patches(cache: Path, n: int):
@@ -568,6 +609,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller inputs (for a smoke run)")
     ap.add_argument("--encoder", default=OPTIONS.encoder, help="extract section: preset or timm name (e.g. uni)")
     ap.add_argument("--batch", type=int, default=OPTIONS.batch, help="extract section: batch size")
+    ap.add_argument("--clam", default="", help="tile section: a CLAM checkout whose create_patches_fp.py is "
+                    "timed on the same slide (never vendored; needs its imports, e.g. pandas)")
     ap.add_argument("--mil-dir", default=OPTIONS.mil_dir, help="mil section: the classical data sets")
     ap.add_argument("--mil-models", default="", help="mil section: comma-separated models (default: all)")
     ap.add_argument("--mil-data", default="", help="mil section: comma-separated data sets (default: all four)")
@@ -580,7 +623,7 @@ def main() -> int:
     OPTIONS.encoder, OPTIONS.batch = args.encoder, args.batch
     OPTIONS.mil_dir, OPTIONS.mil_models, OPTIONS.mil_data = args.mil_dir, args.mil_models, args.mil_data
     OPTIONS.mil_folds, OPTIONS.mil_epochs, OPTIONS.mil_batch = args.mil_folds, args.mil_epochs, args.mil_batch
-    OPTIONS.mil_repeats = args.mil_repeats
+    OPTIONS.mil_repeats, OPTIONS.clam = args.mil_repeats, args.clam
     args.cache.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
         if name not in SECTIONS:
