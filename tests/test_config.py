@@ -78,7 +78,16 @@ def test_the_documented_defaults_ship_inside_the_package(tmp_path):
     (wheel,) = tmp_path.glob("wsi_mil-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         shipped = yaml.safe_load(zf.read("wsi_mil/default.yaml"))
+        names = set(zf.namelist())
     assert shipped == Config().model_dump(mode="json")
+    # the viewer's pages and the OpenSeadragon build `make viewer-assets` copied from npm travel with it
+    static = "wsi_mil/viewer/static/"
+    assert {static + f for f in ("study.html", "slide.html", "study.js", "slide.js", "style.css")} <= names
+    import shutil
+
+    if shutil.which("npm") or (ROOT / static / "vendor" / "openseadragon" / "openseadragon.min.js").is_file():
+        assert static + "vendor/openseadragon/openseadragon.min.js" in names
+        assert any(n.startswith(static + "vendor/openseadragon/images/") for n in names)
 
 
 def test_non_finite_values_are_refused():

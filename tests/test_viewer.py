@@ -491,3 +491,52 @@ def test_a_click_on_the_first_top_patch_centres_the_view_on_it(study, server, pa
     assert page.locator(f".patch-outline[data-patch='{best}']").count() == 1
     um = page.inner_text("#scalebar-text")
     assert um.endswith("µm") or um.endswith("mm")
+
+
+def test_hover_scale_bar_colormap_contour_and_downloads(study, server, page):
+    sid = "syn_001"
+    open_slide_page(page, server, sid)
+    with h5py.File(Layout(study / "out").heatmap_file("default", sid, "scores.h5")) as fh:
+        coords, pct, logits = fh["coords"][:], fh["attention_percentile"][:], fh["attention_logits"][:]
+        size = float(fh["coords"].attrs["patch_size_level0"])
+    # hover: the patch under the pointer, its attention and percentile, the class probabilities
+    i = int(np.argsort(pct)[len(pct) // 2])
+    (x, y), = screen_points(page, (coords[i:i + 1] + size / 2))
+    page.mouse.move(x, y)
+    page.wait_for_selector("#hover", state="visible")
+    text = page.inner_text("#hover")
+    assert f"patch {i} " in text and f"percentile {pct[i]:.1f}" in text and f"attention {logits[i]:.3f}" in text
+    assert "p(tumour)" in text and "p(normal)" in text
+    # scale bar: its width in screen px times µm per screen px is the length it is labelled with
+    width = page.evaluate("document.getElementById('scalebar-bar').getBoundingClientRect().width")
+    zoom = page.evaluate("wsi.viewer.world.getItemAt(0).viewportToImageZoom(wsi.viewer.viewport.getZoom(true))")
+    label = page.inner_text("#scalebar-text")
+    um = float(label.split()[0]) * (1000 if label.endswith("mm") else 1)
+    assert abs(width * 0.5 / zoom - um) / um < 0.02  # the slide is 0.5 µm/px
+    # colormap: viridis's top is yellow, jet's is red
+    hot_pts, _, _ = truth_points(study, sid)
+    hot = screen_points(page, hot_pts)
+    page.fill("#opacity", "1")
+    page.dispatch_event("#opacity", "input")
+    settle(page)
+    jet = colours(shot(page, "slide_page_jet"), hot)
+    page.select_option("#cmap", "viridis")
+    page.wait_for_function("wsi.overlay && wsi.overlay.source.getTileUrl(0, 0, 0).includes('/viridis/')")
+    settle(page)
+    viridis = colours(shot(page, "slide_page_viridis"), hot)
+    assert (jet[:, 0] - jet[:, 1]).mean() > 60 and (viridis[:, 1] - viridis[:, 2]).mean() > 60
+    # tissue contour: turning it on adds green pixels only
+    page.uncheck("#overlay")
+    settle(page)
+    before = shot(page, "slide_page_contour_off").astype(int)
+    page.check("#contour")
+    page.wait_for_timeout(800)
+    after = shot(page, "slide_page_contour_on").astype(int)
+    changed = np.abs(after - before).sum(2) > 60
+    assert changed[60:780, :980].sum() > 200
+    assert (after[changed][:, 1] > after[changed][:, 0] + 40).mean() > 0.8
+    # downloads: the slide's files, served
+    links = page.locator("#downloads a")
+    assert sorted(links.all_inner_texts()) == ["geojson", "summary"]
+    for href in links.evaluate_all("els => els.map(e => e.getAttribute('href'))"):
+        assert page.request.get(server + href).status == 200
