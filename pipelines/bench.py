@@ -104,12 +104,12 @@ def bench_tile(cache: Path, quick: bool) -> None:
            str(cache / "tile_out" / "cli"), "--overwrite", "--no-progress"]
     imports = [sys.executable, "-c", "import wsi_mil.cli, wsi_mil.stages.tile, wsi_mil.stages.base"]
 
-    whole = statistics.median(wall_in(cli, Path.cwd()) for _ in range(3))
-    start = statistics.median(wall_in(imports, Path.cwd()) for _ in range(3))
+    whole = statistics.median(wall_in(cli, Path.cwd()) for _ in range(5))
+    start = statistics.median(wall_in(imports, Path.cwd()) for _ in range(5))
     ours = whole - start
     print(f"  as a command, aperio: `wsi-mil tile` {whole:.3f} s, interpreter + imports alone {start:.3f} s: "
           f"{ours:.3f} s beyond start-up (a cold process: libraries the stage imports lazily, first "
-          f"allocations; medians of 3)")
+          f"allocations; medians of 5)")
     clam = _clam_tiler(cache, path)
     if clam is None:  # a figure from another machine and slide is a reference, never divided into a ratio
         print("  reference (not measured here; pass --clam CLAM_CHECKOUT to time it): ~4.5 s was reported for "

@@ -104,7 +104,7 @@ def test_real_slide_tissue_is_the_central_section():
     assert thumb[mask].mean() < thumb[~mask].mean() - 20
 
 
-@pytest.mark.parametrize("density", [0.002, 0.2])  # a few components (cleared box by box), and many specks
+@pytest.mark.parametrize("density", [0.0005, 0.002, 0.2])  # a few components, dozens, and many specks
 def test_small_components_are_removed_exactly_as_skimage_does(density):
     from skimage.morphology import remove_small_objects
 
@@ -114,10 +114,15 @@ def test_small_components_are_removed_exactly_as_skimage_does(density):
     mask = cv2.dilate((rng.random((400, 500)) < density).astype(np.uint8), np.ones((3, 3), np.uint8),
                       iterations=int(rng.integers(1, 4)))
     mask[50:200, 60:300] = 1  # one large component
+    mask[0:4, 0:5], mask[-3:, 200:203], mask[100:400, -2:] = 1, 1, 1  # small ones and a long one on the edges
+    mask[120:130, 100:110] = 0  # a hole in the large one, with an island inside
+    mask[124:126, 104:106] = 1
     for min_px in (2, 30, 200):
         expected = remove_small_objects(mask.astype(bool), max_size=min_px - 1, connectivity=2)
         got = _remove_small(mask, min_px)
         assert got.dtype == np.uint8 and np.array_equal(got.astype(bool), expected), min_px
+        holes = remove_small_objects(~mask.astype(bool), max_size=min_px - 1, connectivity=2)  # the glass too
+        assert np.array_equal(_remove_small(1 - mask, min_px).astype(bool), holes), min_px
 
 
 def test_qc_images_are_capped_and_the_mask_keeps_full_resolution(slide_factory, tmp_path):

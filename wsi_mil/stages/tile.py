@@ -40,10 +40,15 @@ class TileResult:
 def segment(reader, cfg: Config, slide_id: str) -> tuple[np.ndarray, np.ndarray, float, str]:
     """Thumbnail at ``tissue.mpp``, its tissue mask, level-0 px per mask px, and where the mask came from."""
     thumb, scale = reader.read_at_mpp(cfg.tissue.mpp)
+    return (thumb, *tissue_mask(reader, cfg, slide_id, thumb, scale))
+
+
+def tissue_mask(reader, cfg: Config, slide_id: str, thumb: np.ndarray, scale: float) -> tuple[np.ndarray, float, str]:
+    """The user's GeoJSON mask for this slide when there is one, else the detected one."""
     user = load_user_geojson(cfg.tissue.geojson_dir, slide_id, thumb.shape[:2], scale)
     if user is not None:
-        return thumb, user, scale, "user_geojson"
-    return thumb, detect_tissue(thumb, scale * reader.mpp, cfg.tissue), scale, "auto"
+        return user, scale, "user_geojson"
+    return detect_tissue(thumb, scale * reader.mpp, cfg.tissue), scale, "auto"
 
 
 def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
@@ -92,10 +97,10 @@ def _capped(mask: np.ndarray) -> np.ndarray:
     return img
 
 
-def _mask_outputs(pool, layout: Layout, sid: str, thumb: np.ndarray, mask: np.ndarray, scale: float) -> list:
-    """The QC-sized thumbnail (a future, submitted first so that jobs waiting on it never starve it),
-    then mask.png, qc.png and tissue.geojson, all on ``pool`` (resizing and PNG encoding release the GIL)."""
-    fitted = pool.submit(fit_qc, thumb)  # one resize for both QC images
+def _mask_outputs(pool, layout: Layout, sid: str, fitted, mask: np.ndarray, scale: float) -> list:
+    """mask.png, qc.png and tissue.geojson on ``pool`` (resizing and PNG encoding release the GIL).
+    ``fitted`` is the future of the QC-sized thumbnail, submitted before these so that no job waiting on
+    it can starve it."""
     return [
         fitted,
         pool.submit(lambda: write_png(layout.mask(sid, "mask.png"), _capped(mask))),
@@ -131,22 +136,26 @@ def write_tiles(result: TileResult, layout: Layout) -> None:
     """QC images and the GeoJSON on two threads, then the patch file last (its existence marks the slide
     done). The full-resolution mask goes into the patch file."""
     with ThreadPoolExecutor(2) as pool:
-        jobs = _mask_outputs(pool, layout, result.slide_id, result.thumb, result.mask, result.mask_scale)
-        jobs.append(_grid_output(pool, layout, result, jobs[0]))
+        fitted = pool.submit(fit_qc, result.thumb)  # one resize for both QC images
+        jobs = _mask_outputs(pool, layout, result.slide_id, fitted, result.mask, result.mask_scale)
+        jobs.append(_grid_output(pool, layout, result, fitted))
         for job in jobs:
             job.result()  # re-raises a failed write
     _patch_file(result, layout)
 
 
 def tile_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str | None:
-    """Segment, then write the mask's outputs on two threads while the grid is laid; the patch file last."""
+    """Thumbnail, tissue mask, then the mask's outputs on two threads while the grid is laid; the patch
+    file last."""
     sid = slide.slide_id
     reuse_large_blocks()  # each slide's 8-24 MB images reuse the last one's heap (see runner.memory)
     with open_configured(slide, cfg) as reader, ThreadPoolExecutor(2) as pool:
-        thumb, mask, scale, source = segment(reader, cfg, sid)
-        jobs = _mask_outputs(pool, layout, sid, thumb, mask, scale)
+        thumb, scale = reader.read_at_mpp(cfg.tissue.mpp)
+        fitted = pool.submit(fit_qc, thumb)  # the QC-sized thumbnail, while the tissue is found
+        mask, scale, source = tissue_mask(reader, cfg, sid, thumb, scale)
+        jobs = [fitted, *_mask_outputs(pool, layout, sid, fitted, mask, scale)]
         result = grid_tiles(reader, cfg, sid, thumb, mask, scale, source)
-        jobs.append(_grid_output(pool, layout, result, jobs[0]))
+        jobs.append(_grid_output(pool, layout, result, fitted))
         for job in jobs:
             job.result()  # re-raises a failed write
     _patch_file(result, layout)
@@ -167,4 +176,5 @@ STAGE = SlideStage(
     complete=_complete,
 )
 
-__all__ = ["STAGE", "TileResult", "compute_tiles", "grid_tiles", "segment", "tile_slide", "write_tiles"]
+__all__ = ["STAGE", "TileResult", "compute_tiles", "grid_tiles", "segment", "tile_slide", "tissue_mask",
+           "write_tiles"]
