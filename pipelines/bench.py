@@ -18,7 +18,7 @@ import numpy as np
 SECTIONS = ["tile", "extract", "train", "scale", "heatmap", "mil", "view"]
 OPTIONS = argparse.Namespace(encoder="resnet50_trunc", batch=32, mil_dir="../shared/mil_benchmarks", mil_models="",
                              mil_data="", mil_folds=10, mil_epochs=20, mil_batch=1, mil_repeats=1,
-                             clam="")  # set by main()
+                             mil_recipe="ilse2018", clam="")  # set by main()
 
 
 def timed(fn, repeat: int = 3):
@@ -379,7 +379,7 @@ def _mil_job(job: tuple) -> tuple:
     from wsi_mil.mil.data import Bag
     from wsi_mil.mil.train import fit, predict_bags
 
-    path, name, repeat, fold, folds, overrides = job
+    path, name, repeat, fold, folds, overrides, recipe = job
     bags_x, y = _mil_bags(path)
     splits = StratifiedKFold(folds, shuffle=True, random_state=repeat).split(np.zeros(len(y)), y)
     train_idx, test_idx = list(splits)[fold]
@@ -389,10 +389,17 @@ def _mil_job(job: tuple) -> tuple:
     def bag(i):
         return Bag(str(i), torch.from_numpy(((bags_x[i] - mean) / std).astype(np.float32)), int(y[i]), str(i))
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mil" / "ilse2018.yaml",
-                      [f"model.name={name}", *overrides])
+    recipe_file = Path(__file__).resolve().parents[1] / "configs" / "mil" / "ilse2018.yaml"
+    cfg = load_config(recipe_file if recipe == "ilse2018" else None, [f"model.name={name}", *overrides])
+    val_idx = []
+    if cfg.train.val_fraction > 0:  # the packaged defaults: early stopping on a stratified share of the fold
+        from sklearn.model_selection import train_test_split
+
+        train_idx, val_idx = train_test_split(train_idx, test_size=cfg.train.val_fraction, stratify=y[train_idx],
+                                              random_state=repeat * folds + fold)
     t0 = time.perf_counter()
-    res = fit([bag(i) for i in train_idx], [], stack.shape[1], 2, cfg.model, cfg.train, seed=repeat * folds + fold)
+    res = fit([bag(i) for i in train_idx], [bag(i) for i in val_idx], stack.shape[1], 2, cfg.model, cfg.train,
+              seed=repeat * folds + fold)
     probs, _ = predict_bags(res.model, [bag(i) for i in test_idx])
     correct = int((probs.argmax(1) == y[test_idx]).sum())
     return Path(path).name.split(".")[0], name, repeat, correct, len(test_idx), time.perf_counter() - t0
@@ -425,11 +432,18 @@ def bench_mil(cache: Path, quick: bool) -> None:
     data = OPTIONS.mil_data.split(",") if OPTIONS.mil_data else MIL_DATA
     folds = 3 if quick else OPTIONS.mil_folds
     repeats = OPTIONS.mil_repeats
-    overrides = [f"train.batch_size={OPTIONS.mil_batch}", f"train.epochs={OPTIONS.mil_epochs}",
-                 f"train.min_epochs={OPTIONS.mil_epochs}"]
+    recipe = OPTIONS.mil_recipe
+    if recipe == "ilse2018":
+        overrides = [f"train.batch_size={OPTIONS.mil_batch}", f"train.epochs={OPTIONS.mil_epochs}",
+                     f"train.min_epochs={OPTIONS.mil_epochs}"]
+        what = f"configs/mil/ilse2018.yaml with {' '.join(overrides)}"
+    else:
+        overrides = ["train.num_workers=0"]
+        what = ("the packaged defaults (AdamW, class-weighted loss, early stopping on 20% of each training fold, "
+                "default layer sizes)")
     print(f"\n== mil: {folds}-fold CV bag accuracy x {repeats} repeat(s) (folds reshuffled per repeat, the same "
-          f"for every model), configs/mil/ilse2018.yaml with {' '.join(overrides)}, 2 processes")
-    jobs = [(str(root / f"{d}.csv.gz"), n, r, k, folds, overrides)
+          f"for every model), {what}, 2 processes")
+    jobs = [(str(root / f"{d}.csv.gz"), n, r, k, folds, overrides, recipe)
             for d in data for r in range(repeats) for n in names for k in range(folds)]
     tally: dict = {}  # (data, model) -> {repeat: [correct, total, seconds, folds done]}
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
@@ -618,12 +632,14 @@ def main() -> int:
     ap.add_argument("--mil-epochs", type=int, default=OPTIONS.mil_epochs)
     ap.add_argument("--mil-repeats", type=int, default=OPTIONS.mil_repeats,
                     help="mil section: repetitions of the k-fold CV, each with its own shuffle")
+    ap.add_argument("--mil-recipe", choices=["ilse2018", "default"], default=OPTIONS.mil_recipe,
+                    help="mil section: configs/mil/ilse2018.yaml, or the packaged training defaults")
     ap.add_argument("--mil-batch", type=int, default=OPTIONS.mil_batch, help="mil section: bags per step (recipe: 1)")
     args = ap.parse_args()
     OPTIONS.encoder, OPTIONS.batch = args.encoder, args.batch
     OPTIONS.mil_dir, OPTIONS.mil_models, OPTIONS.mil_data = args.mil_dir, args.mil_models, args.mil_data
     OPTIONS.mil_folds, OPTIONS.mil_epochs, OPTIONS.mil_batch = args.mil_folds, args.mil_epochs, args.mil_batch
-    OPTIONS.mil_repeats, OPTIONS.clam = args.mil_repeats, args.clam
+    OPTIONS.mil_repeats, OPTIONS.clam, OPTIONS.mil_recipe = args.mil_repeats, args.clam, args.mil_recipe
     args.cache.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
         if name not in SECTIONS:
