@@ -554,3 +554,14 @@ def test_deep_zoom_tiles_agree_between_backends(study):
         for level, address in ((za.level_count - 1, (3, 4)), (za.level_count - 3, (0, 1)), (2, (0, 0))):
             ta, tb = np.asarray(za.get_tile(level, address)), np.asarray(zb.get_tile(level, address))
             assert ta.shape == tb.shape and np.abs(ta.astype(int) - tb).mean() < 3, level
+
+
+def test_the_study_page_sees_what_stages_record_while_it_runs(study, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(study / "out", out, symlinks=True)
+    client = TestClient(create_app(Study(out, study / "slides")))
+    before = {r["slide_id"] for r in client.get("/api/study").json()["slides"]}
+    time.sleep(0.01)
+    update_manifest(Layout(out).manifest, [Record("late_slide", "tile", "failed", 0.0, "cannot open slide")])
+    rows = {r["slide_id"]: r for r in client.get("/api/study").json()["slides"]}
+    assert set(rows) == before | {"late_slide"} and rows["late_slide"]["reasons"] == ["tile: cannot open slide"]

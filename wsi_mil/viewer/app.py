@@ -52,6 +52,11 @@ class ByteCache:
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.size = 0
+
     def get(self, key, make: Callable[[], bytes | None]) -> bytes | None:
         with self._lock:
             if key in self._items:
@@ -75,6 +80,11 @@ class Views:
         self.study, self.limit = study, limit
         self._views: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            while self._views:
+                self._views.popitem()[1].close()
 
     def get(self, slide_id: str) -> SlideView | None:
         entry = self.study.slides.get(slide_id)
@@ -157,6 +167,9 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         return endpoint
 
     def api_study(request: Request) -> Response:
+        if study.refresh():  # a stage ran meanwhile: reopen slides and drop tiles rendered from old scores
+            views.clear()
+            cache.clear()
         return JSONResponse({"out": study.layout.root.name, "run": study.run,
                              "slides": [e.to_json() for e in study.slides.values()]})
 

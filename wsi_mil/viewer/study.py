@@ -59,8 +59,24 @@ class Study:
         if run is not None and run not in runs and not self.layout.run_dir(run).is_dir():
             raise WsiMilError(f"--run {run}: no such run in {out} (runs with heatmaps: {', '.join(runs) or 'none'})")
         self.run = run or ("default" if "default" in runs else (runs[0] if runs else "default"))
-        self.slides = self._load(slides, extensions or [".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide",
-                                                        ".bif", ".vms", ".vmu"])
+        self._source = slides
+        self._extensions = extensions or [".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif",
+                                          ".vms", ".vmu"]
+        self._stamp = self._changes()
+        self.slides = self._load(self._source, self._extensions)
+
+    def _changes(self) -> tuple:
+        """What moves when a stage records a slide: the manifest, the patch and heatmap folders."""
+        paths = (self.layout.manifest, self.layout.patches_dir, self.layout.heatmaps_dir(self.run))
+        return tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in paths)
+
+    def refresh(self) -> bool:
+        """Re-read the study if the stages recorded anything since; True when it changed."""
+        stamp = self._changes()
+        if stamp == self._stamp:
+            return False
+        self._stamp, self.slides = stamp, self._load(self._source, self._extensions)
+        return True
 
     # -- files ------------------------------------------------------------------------------------
     def inside(self, path: Path) -> Path | None:
