@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,8 +84,10 @@ def main() -> int:
     print(f"  patch-level AUROC of attention vs ground-truth tumour: {patch_auroc(out, 'default'):.3f}")
     print(f"  overlay PNG           : {layout.heatmap_dir('default', 'syn_001') / 'overlay.png'}")
     print(f"  outputs               : {out}/{{patches,masks,features,models,heatmaps}}, {out / 'manifest.csv'}")
-    print(f"\nsee it in the browser   : wsi-mil view --out {out}   (or: make view OUT={out}; then open "
-          "http://127.0.0.1:8000/)")
+    exe = Path(sys.executable).parent / "wsi-mil"
+    shown = os.path.relpath(exe) if exe.is_file() else "wsi-mil"
+    print(f"\nsee it in the browser   : make view OUT={out}   (or: {shown} view --out {out}), then open "
+          "http://127.0.0.1:8000/")
     return 0
 
 
