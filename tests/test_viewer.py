@@ -565,3 +565,19 @@ def test_the_study_page_sees_what_stages_record_while_it_runs(study, tmp_path):
     update_manifest(Layout(out).manifest, [Record("late_slide", "tile", "failed", 0.0, "cannot open slide")])
     rows = {r["slide_id"]: r for r in client.get("/api/study").json()["slides"]}
     assert set(rows) == before | {"late_slide"} and rows["late_slide"]["reasons"] == ["tile: cannot open slide"]
+
+
+def test_a_slide_without_mpp_metadata_shows_with_the_mpp_the_tile_stage_used(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_slide(slides / "nompp.svs", SyntheticSpec(width=1536, height=1536, mpp=0.5, seed=3,
+                                                    mpp_in_metadata=False, resolution_tags=False,
+                                                    objective_in_metadata=False))
+    out = tmp_path / "out"
+    assert main(["tile", "--slides", str(slides), "--out", str(out), "--no-progress", "slides.default_mpp=0.5"]) == 0
+    client = TestClient(create_app(Study(out, slides)))
+    meta = client.get("/api/slides/nompp").json()
+    assert meta["mpp"] == pytest.approx(0.5) and meta["width"] == 1536
+    (out / "patches" / "nompp.h5").unlink()  # nothing recorded and nothing in the file: no scale bar
+    client = TestClient(create_app(Study(out, slides)))
+    assert client.get("/api/slides/nompp").json()["mpp"] is None

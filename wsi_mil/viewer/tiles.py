@@ -19,9 +19,11 @@ import cv2
 import h5py
 import numpy as np
 
+from ..errors import WsiMilError
 from ..heatmap.raster import clip_to_tissue, score_raster
 from ..slide.deepzoom import deepzoom
-from ..slide.reader import open_slide
+from ..slide.mpp import resolve_mpp
+from ..slide.reader import SlideReader
 
 TILE = 256
 CMAPS = ("jet", "turbo", "viridis", "magma", "inferno", "coolwarm", "RdYlBu_r")
@@ -60,10 +62,21 @@ class SlideView:
         self.slide_path = slide_path
         self._patches, self._scores = patches, scores
         self._lock = threading.Lock()
-        self.reader = open_slide(slide_path)
+        self.reader = SlideReader(slide_path)
         self.dz = deepzoom(self.reader, TILE, 0)
         self.width, self.height = self.reader.dimensions
-        self.mpp = float(self.reader.mpp)
+        self.mpp = self._mpp(slide_path)
+
+    def _mpp(self, slide_path: Path) -> float | None:
+        """The µm/px the tile stage used (it may have come from an override or a default), else the
+        file's own; None hides the scale bar."""
+        recorded = self.patch_attrs.get("slide_mpp")
+        if recorded:
+            return float(recorded)
+        try:
+            return float(resolve_mpp(self.reader, slide_path.stem, {}, None)[0])
+        except WsiMilError:
+            return None
 
     def close(self) -> None:
         self.reader.close()

@@ -50,6 +50,7 @@ function niceLength(um) {  // the largest 1/2/5 x 10^k not above um
 
 function drawScalebar() {
   const item = wsi.viewer.world.getItemAt(0);
+  $("scalebar").hidden = !wsi.meta.mpp;  // no known µm/px: no scale bar rather than a wrong one
   if (!item || !wsi.meta.mpp) return;
   const screenPerImage = item.viewportToImageZoom(wsi.viewer.viewport.getZoom(true));
   const umPerScreenPx = wsi.meta.mpp / screenPerImage;
