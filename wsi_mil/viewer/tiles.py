@@ -62,6 +62,7 @@ class SlideView:
         self.slide_path = slide_path
         self._patches, self._scores = patches, scores
         self._lock = threading.Lock()
+        self._rasters: dict[str, tuple[np.ndarray, float]] = {}
         self.reader = SlideReader(slide_path)
         self.dz = deepzoom(self.reader, TILE, 0)
         self.width, self.height = self.reader.dimensions
@@ -154,15 +155,14 @@ class SlideView:
     def raster(self, name: str) -> tuple[np.ndarray, float] | None:
         """(percentile/100 raster, level-0 px per raster px) of map ``name``, built once."""
         with self._lock:
-            key = f"_raster_{name}"
-            if key not in self.__dict__:
+            if name not in self._rasters:
                 s = self.scores
                 if name not in s.get("maps", {}):
                     return None
                 ds = max(s["size0"] / 4, max(self.width, self.height) / MAX_RASTER_SIDE, 1.0)
                 r = score_raster(s["coords"], s["maps"][name] / 100.0, s["size0"], self.width, self.height, ds)
-                self.__dict__[key] = (clip_to_tissue(r, self.tissue_mask).astype(np.float16), ds)  # 256 levels
-            return self.__dict__[key]
+                self._rasters[name] = (clip_to_tissue(r, self.tissue_mask).astype(np.float16), ds)  # 256 levels
+            return self._rasters[name]
 
     def overlay_tile(self, name: str, cmap: str, level: int, col: int, row: int) -> bytes | None:
         box, ras = self.tile_box(level, col, row), self.raster(name)
