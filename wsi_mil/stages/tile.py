@@ -40,15 +40,16 @@ class TileResult:
 def segment(reader, cfg: Config, slide_id: str) -> tuple[np.ndarray, np.ndarray, float, str]:
     """Thumbnail at ``tissue.mpp``, its tissue mask, level-0 px per mask px, and where the mask came from."""
     thumb, scale = reader.read_at_mpp(cfg.tissue.mpp)
-    return (thumb, *tissue_mask(reader, cfg, slide_id, thumb, scale))
+    mask, source = tissue_mask(reader, cfg, slide_id, thumb, scale)
+    return thumb, mask, scale, source
 
 
-def tissue_mask(reader, cfg: Config, slide_id: str, thumb: np.ndarray, scale: float) -> tuple[np.ndarray, float, str]:
-    """The user's GeoJSON mask for this slide when there is one, else the detected one."""
+def tissue_mask(reader, cfg: Config, slide_id: str, thumb: np.ndarray, scale: float) -> tuple[np.ndarray, str]:
+    """The user's GeoJSON mask for this slide when there is one, else the detected one; and which it is."""
     user = load_user_geojson(cfg.tissue.geojson_dir, slide_id, thumb.shape[:2], scale)
     if user is not None:
-        return user, scale, "user_geojson"
-    return detect_tissue(thumb, scale * reader.mpp, cfg.tissue), scale, "auto"
+        return user, "user_geojson"
+    return detect_tissue(thumb, scale * reader.mpp, cfg.tissue), "auto"
 
 
 def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
@@ -132,18 +133,6 @@ def _patch_file(result: TileResult, layout: Layout) -> None:
     )
 
 
-def write_tiles(result: TileResult, layout: Layout) -> None:
-    """QC images and the GeoJSON on two threads, then the patch file last (its existence marks the slide
-    done). The full-resolution mask goes into the patch file."""
-    with ThreadPoolExecutor(2) as pool:
-        fitted = pool.submit(fit_qc, result.thumb)  # one resize for both QC images
-        jobs = _mask_outputs(pool, layout, result.slide_id, fitted, result.mask, result.mask_scale)
-        jobs.append(_grid_output(pool, layout, result, fitted))
-        for job in jobs:
-            job.result()  # re-raises a failed write
-    _patch_file(result, layout)
-
-
 def tile_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str | None:
     """Thumbnail, tissue mask, then the mask's outputs on two threads while the grid is laid; the patch
     file last."""
@@ -152,7 +141,7 @@ def tile_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str | None:
     with open_configured(slide, cfg) as reader, ThreadPoolExecutor(2) as pool:
         thumb, scale = reader.read_at_mpp(cfg.tissue.mpp)
         fitted = pool.submit(fit_qc, thumb)  # the QC-sized thumbnail, while the tissue is found
-        mask, scale, source = tissue_mask(reader, cfg, sid, thumb, scale)
+        mask, source = tissue_mask(reader, cfg, sid, thumb, scale)
         jobs = [fitted, *_mask_outputs(pool, layout, sid, fitted, mask, scale)]
         result = grid_tiles(reader, cfg, sid, thumb, mask, scale, source)
         jobs.append(_grid_output(pool, layout, result, fitted))
@@ -176,5 +165,4 @@ STAGE = SlideStage(
     complete=_complete,
 )
 
-__all__ = ["STAGE", "TileResult", "compute_tiles", "grid_tiles", "segment", "tile_slide", "tissue_mask",
-           "write_tiles"]
+__all__ = ["STAGE", "TileResult", "compute_tiles", "grid_tiles", "segment", "tile_slide", "tissue_mask"]

@@ -194,30 +194,17 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         stops = np.linspace(0, 255, 17).astype(int)
         return JSONResponse({c: ["#" + bytes(lut(c)[i, :3]).hex() for i in stops] for c in CMAPS})
 
-    def slide_tile(request: Request) -> Response:
-        slide_id, view = view_or_404(request)
-        p = request.path_params
-        if view is None:
-            return PlainTextResponse("not found", 404)
-        return _image(cache.get((slide_id, "s", p["level"], p["col"], p["row"]),
-                                lambda: view.slide_tile(p["level"], p["col"], p["row"])), "image/jpeg")
-
-    def overlay_tile(request: Request) -> Response:
-        slide_id, view = view_or_404(request)
-        p = request.path_params
-        if view is None or p["cmap"] not in CMAPS or p["map"] not in view.scores.get("maps", {}):
-            return PlainTextResponse("not found", 404)
-        key = (slide_id, "o", p["map"], p["cmap"], p["level"], p["col"], p["row"])
-        return _image(cache.get(key, lambda: view.overlay_tile(p["map"], p["cmap"], p["level"], p["col"], p["row"])),
-                      "image/png")
-
-    def contour_tile(request: Request) -> Response:
-        slide_id, view = view_or_404(request)
-        p = request.path_params
-        if view is None:
-            return PlainTextResponse("not found", 404)
-        return _image(cache.get((slide_id, "c", p["level"], p["col"], p["row"]),
-                                lambda: view.contour_tile(p["level"], p["col"], p["row"])), "image/png")
+    def tiles(kind: str, media: str, params: tuple[str, ...] = (), valid=lambda view, p: True):
+        """An endpoint for one kind of Deep Zoom tile, rendered by ``SlideView.<kind>_tile`` and cached."""
+        def endpoint(request: Request) -> Response:
+            slide_id, view = view_or_404(request)
+            p = request.path_params
+            if view is None or not valid(view, p):
+                return PlainTextResponse("not found", 404)
+            args = (*(p[k] for k in params), p["level"], p["col"], p["row"])
+            render = getattr(view, f"{kind}_tile")
+            return _image(cache.get((slide_id, kind, *args), lambda: render(*args)), media)
+        return endpoint
 
     def thumb(request: Request) -> Response:
         slide_id, view = view_or_404(request)
@@ -252,9 +239,11 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         Route("/api/colormaps", api_colormaps),
         Route("/api/slides/{slide_id}", api_slide),
         Route("/api/slides/{slide_id}/patches", api_patches),
-        Route("/tiles/{slide_id}/slide/{level:int}/{col:int}_{row:int}.jpeg", slide_tile),
-        Route("/tiles/{slide_id}/overlay/{map}/{cmap}/{level:int}/{col:int}_{row:int}.png", overlay_tile),
-        Route("/tiles/{slide_id}/contour/{level:int}/{col:int}_{row:int}.png", contour_tile),
+        Route("/tiles/{slide_id}/slide/{level:int}/{col:int}_{row:int}.jpeg", tiles("slide", "image/jpeg")),
+        Route("/tiles/{slide_id}/overlay/{map}/{cmap}/{level:int}/{col:int}_{row:int}.png",
+              tiles("overlay", "image/png", ("map", "cmap"),
+                    lambda view, p: p["cmap"] in CMAPS and p["map"] in view.scores.get("maps", {}))),
+        Route("/tiles/{slide_id}/contour/{level:int}/{col:int}_{row:int}.png", tiles("contour", "image/png")),
         Route("/thumbs/{slide_id}.jpeg", thumb),
         Route("/patches/{slide_id}/{index:int}.jpeg", patch),
         Route("/download/{slide_id}/{kind}", download),
