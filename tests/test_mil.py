@@ -77,6 +77,29 @@ def test_gated_attention_is_tanh_times_sigmoid():
     assert create_model("abmil", 6, 2).attention.U is None
 
 
+def test_transmil_attention_is_softmax_attention_and_nystrom_agrees_where_it_is_exact():
+    """Short sequences take softmax attention (checked against torch's own); longer ones the Nyström formula,
+    which is exact (up to the iterative pseudo-inverse) when every landmark group holds copies of one token."""
+    from wsi_mil.mil.models.transmil import NystromAttention
+
+    torch.manual_seed(0)
+    att = NystromAttention(32, heads=4, landmarks=8, dropout=0.0).eval()
+    x = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        out, row = att(x, row=0)
+        q, k, v = (t.reshape(1, 8, 4, 8).transpose(1, 2) for t in att.to_qkv(x).chunk(3, dim=-1))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v) + att.res_conv(v)
+        torch.testing.assert_close(out, att.to_out(ref.transpose(1, 2).reshape(1, 8, 32)))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+        torch.testing.assert_close(row, weights[:, :, 0].mean(1))
+
+        repeated = x.repeat_interleave(5, dim=1)  # 40 tokens > 8 landmarks: the Nyström path
+        nystrom, nrow = att(repeated, row=0)
+        exact, erow = att._exact(repeated, 0)
+    assert (nystrom - exact).abs().max() < 0.03 * exact.abs().max()
+    assert (nrow - erow).abs().max() < 0.03 * erow.max()
+
+
 def test_smooth_top1_svm_matches_its_definition():
     from wsi_mil.mil.models.clam import smooth_top1_svm
 

@@ -13,12 +13,15 @@ Nyström attention (Xiong et al., AAAI 2021) is implemented here rather than tak
 ``nystrom-attention`` package: the instance scores need only the class token's row of the approximate
 attention matrix, softmax(q_0 K~^T) pinv(softmax(Q~ K~^T)) softmax(Q~ K^T), which that package can give only
 as the full n x n matrix. Instance scores are the log of that row, averaged over heads, in the last
-layer: an approximation of the class token's attention, not an exact softmax. They are not claimed to
-localise (``localises = False``): on digits-bags their instance AUROC is near chance.
+layer: an approximation of the class token's attention, not an exact softmax (exact for short bags, below).
+They are not claimed to localise (``localises = False``): on digits-bags their instance AUROC is about 0.66,
+far below the 0.9 the localising heads reach.
 
-A sequence with fewer tokens than ``landmarks`` uses every token as a landmark (no zero padding; the
-approximation is then exact up to the pseudo-inverse). Bags are run one at a time on their present instances, so padding never enters the square or the
-attention; an empty bag is classified from the class token alone.
+A sequence of at most ``landmarks`` tokens would use every token as a landmark, where the Nyström formula
+equals softmax attention (up to the iterative pseudo-inverse): such sequences take softmax(QK^T)V directly,
+exact and cheaper; the instance scores are then the class token's exact attention. Bags are run one at a
+time on their present instances, so padding never enters the square or the attention; an empty bag is
+classified from the class token alone.
 """
 
 from __future__ import annotations
@@ -56,15 +59,29 @@ class NystromAttention(nn.Module):
         self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
                                   groups=heads, bias=False)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = (t.reshape(x.shape[0], -1, self.heads, self.dim_head).transpose(1, 2)
+                   for t in self.to_qkv(x).chunk(3, dim=-1))
+        return q * self.scale, k, v
+
+    def _out(self, out: torch.Tensor) -> torch.Tensor:
+        return self.to_out(out.transpose(1, 2).reshape(out.shape[0], -1, self.heads * self.dim_head))
+
+    def _exact(self, x: torch.Tensor, row: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self._qkv(x)
+        att = torch.softmax(q @ k.transpose(-1, -2), -1)
+        out = self._out(att @ v + self.res_conv(v))
+        return out, (att[:, :, row].mean(1) if row is not None else None)
+
     def forward(self, x: torch.Tensor, row: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [1, n, dim] -> (out [1, n, dim], the attention row of token ``row`` over all n tokens, or None)."""
         b, n, _ = x.shape
-        m = min(self.landmarks, n)  # a sequence shorter than the landmarks: every token is one (exact attention)
+        if n <= self.landmarks:  # every token would be a landmark: Nystrom is then exact, so take softmax itself
+            return self._exact(x, row)
+        m = self.landmarks
         pad = (m - n % m) % m  # pad at the front so the tokens split evenly into m landmark groups
         x = F.pad(x, (0, 0, pad, 0))
-        q, k, v = (t.reshape(b, -1, self.heads, self.dim_head).transpose(1, 2)
-                   for t in self.to_qkv(x).chunk(3, dim=-1))
-        q = q * self.scale
+        q, k, v = self._qkv(x)
         per = x.shape[1] // m
         q_l = q.reshape(b, self.heads, m, per, self.dim_head).mean(3)
         k_l = k.reshape(b, self.heads, m, per, self.dim_head).mean(3)
@@ -72,7 +89,7 @@ class NystromAttention(nn.Module):
         a2_inv = _pinv(torch.softmax(q_l @ k_l.transpose(-1, -2), -1), self.iters)
         a3 = torch.softmax(q_l @ k.transpose(-1, -2), -1)
         out = (a1 @ a2_inv) @ (a3 @ v) + self.res_conv(v)
-        out = self.to_out(out.transpose(1, 2).reshape(b, -1, self.heads * self.dim_head))[:, pad:]
+        out = self._out(out)[:, pad:]
         att_row = None
         if row is not None:
             att_row = ((a1[:, :, pad + row:pad + row + 1] @ a2_inv) @ a3)[:, :, 0, pad:].mean(1)  # [b, n]
