@@ -74,17 +74,44 @@ def write_text(final: str | Path, text: str) -> None:
     write_bytes(final, text.encode())
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def neutralise(value):
+    """A CSV cell that a spreadsheet will not run (OWASP, "CSV injection").
+
+    Text starting with ``= + - @``, tab or CR gets a leading ``'``, so Excel and LibreOffice show it as
+    text. Text already starting with ``'`` gets one more, so :func:`restore` is its exact inverse. Numbers
+    (``-0.5``, ``+3e-2``) are left as they are: a spreadsheet reads them as numbers, not formulas.
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    if value[0] == "'" or (value[0] in FORMULA_START and not _NUMBER.match(value)):
+        return "'" + value
+    return value
+
+
+def restore(value):
+    """The text :func:`neutralise` was given (every reader of our CSVs applies it to each cell)."""
+    if isinstance(value, str) and len(value) > 1 and value[0] == "'" and value[1] in ("'", *FORMULA_START):
+        return value[1:]
+    return value
+
+
 def write_csv(final: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:
-    """Rows (dicts) as CSV with a header, atomically; ``fields`` default to the first row's keys."""
+    """Rows (dicts) as CSV with a header, atomically; ``fields`` default to the first row's keys.
+
+    The one CSV writer: every cell (and header) goes through :func:`neutralise`."""
     import csv
     import io
 
     buf = io.StringIO()
     fields = fields or (list(rows[0]) if rows else [])
     if fields:
-        writer = csv.DictWriter(buf, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(buf)
+        writer.writerow([neutralise(f) for f in fields])
+        writer.writerows([neutralise(row.get(f, "")) for f in fields] for row in rows)
     write_text(final, buf.getvalue())
 
 
@@ -127,4 +154,21 @@ def clean_stale_temps(folder: str | Path, keep: set[Path] | frozenset = frozense
     for path in list(stale_temps(folder, keep)):
         _remove(path)
         n += 1
+    return n
+
+
+def clean_stale_temps_of(final: str | Path) -> int:
+    """Remove what dead writers on this host left for one output: ``final``'s temp names (and those of the
+    old copy a folder swap moves aside), in ``final``'s own folder only."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return 0
+    wanted, n = {final.name, final.name + "-old"}, 0
+    for path in list(final.parent.glob(f".*{TMP_TAG}*")):
+        m = _TEMP.match(path.name)
+        if m is None or m["stem"] + (m["suffix"] or "") not in wanted:
+            continue
+        if m["host"] == HOST and not pid_alive(int(m["pid"])):
+            _remove(path)
+            n += 1
     return n

@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+from .atomic import restore
 from .errors import WsiMilError
 
 
@@ -25,12 +26,13 @@ def read_text(path: str | Path, what: str) -> str:
 
 
 def read_csv_rows(path: str | Path, what: str) -> list[dict]:
-    """Rows of a CSV as dicts, header names stripped of surrounding spaces."""
+    """Rows of a CSV as dicts, header names stripped of surrounding spaces, cells our CSV writer
+    neutralised against formulas restored (:func:`wsi_mil.atomic.restore`)."""
     try:
         rows = list(csv.DictReader(io.StringIO(read_text(path, what), newline="")))
     except csv.Error as exc:
         raise WsiMilError(f"{what} {Path(path).name}: not a valid CSV ({exc})") from None
-    return [{(k or "").strip(): v for k, v in r.items()} for r in rows]
+    return [{restore((k or "").strip()): restore(v) for k, v in r.items()} for r in rows]
 
 
 def read_json(path: str | Path, what: str):

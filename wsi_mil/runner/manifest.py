@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..atomic import write_csv
+from ..atomic import restore, write_csv
 
 FIELDS = ["slide_id", "stage", "status", "seconds", "reason"]
 
@@ -35,11 +35,12 @@ def _locked(path: Path):
 
 
 def read_manifest(path: str | Path) -> list[dict]:
+    """The manifest's rows; unreadable bytes are replaced rather than failing (the viewer reads it live)."""
     path = Path(path)
     if not path.is_file():
         return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        return [{restore(k): restore(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def update_manifest(path: str | Path, records: Iterable[Record],
