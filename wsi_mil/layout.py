@@ -36,6 +36,24 @@ def check_name(name: str, what: str = "slide_id") -> str:
     return name
 
 
+def is_data_name(name: str) -> bool:
+    """False for names no reader takes as a slide's file: hidden files and writers' temp files."""
+    return bool(name) and not name.startswith(".") and ".wsi_mil-tmp-" not in name
+
+
+def slide_files(folder: Path, suffix: str = ".h5") -> dict[str, Path]:
+    """``slide_id -> file`` for the ``*<suffix>`` files of an output folder, hidden and temp names skipped.
+
+    Every reader of a study folder (predict, train, export, the viewer) lists slides through this, so a
+    ``.hidden.h5`` or a dead writer's temp file is never taken as a slide.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {p.name[: -len(suffix)]: p for p in sorted(folder.iterdir())
+            if p.name.endswith(suffix) and is_data_name(p.name) and len(p.name) > len(suffix) and p.is_file()}
+
+
 def encoder_id(name: str) -> str:
     """A folder-safe id for an encoder name: ``hf-hub:org/model`` -> ``hf-hub_org_model``."""
     return check_name(name.replace(":", "_").replace("/", "_").replace("\\", "_"), "encoder id")
@@ -47,6 +65,20 @@ class Layout:
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
+
+    STAGE_FOLDERS = ("patches", "masks", "features", "models", "predictions", "heatmaps", ".locks")
+
+    def owns(self, path: str | Path) -> bool:
+        """True when ``path`` (resolved, symlinks followed) is the output folder itself, one of its stage
+        folders or anything inside them, or a folder that holds the output folder: places no command may
+        write into or replace on behalf of another tool."""
+        root, target = self.root.resolve(), Path(path).resolve()
+        if target == root or root.is_relative_to(target):
+            return True
+        if not target.is_relative_to(root):
+            return False
+        first = target.relative_to(root).parts[0]
+        return first in self.STAGE_FOLDERS or first == self.manifest.name
 
     # -- batch bookkeeping ------------------------------------------------------------------------
     @property
@@ -99,7 +131,7 @@ class Layout:
     def heatmap_runs(self) -> list[str]:
         """Names of the runs that have a heatmaps/ folder."""
         root = self.root / "heatmaps"
-        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and is_data_name(p.name)) if root.is_dir() else []
 
     def heatmaps_dir(self, run: str) -> Path:
         return self.root / "heatmaps" / check_name(run, "run name")

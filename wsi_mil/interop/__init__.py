@@ -2,11 +2,18 @@
 
 Each format is one module with one function ``export(study, to) -> note`` registered by name. Files are
 linked where the tool reads ours unchanged (patch and feature HDF5) and converted where it needs another
-form (CLAM's ``.pt`` bags, torchmil's ``.npy`` files). Every written file is atomic; rerunning replaces.
+form (CLAM's ``.pt`` bags, torchmil's ``.npy`` files).
+
+An export is built whole in a fresh temp folder beside ``--to`` and swapped in at the end, like a train
+run: a re-export leaves nothing of the previous one (no stale label or ``dataset.csv``), a killed one
+leaves the previous export and a temp folder the next run removes. ``--to`` is refused when it resolves to
+the study's output folder, into one of its stage folders, or to a folder that holds the study; and a
+non-empty folder that no export made (no ``.wsi_mil-export.json``) is never replaced.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, clean_stale_temps_of, write_text
 from ..errors import WsiMilError
 from ..h5io import read_coords
-from ..layout import Layout, check_name, encoder_id
-from ..userfiles import read_csv_rows
+from ..layout import Layout, check_name, encoder_id, slide_files
+
+MARKER = ".wsi_mil-export.json"
 
 
 @dataclass
@@ -31,7 +39,7 @@ class Study:
 
     def slide_ids(self) -> list[str]:
         folder = self.layout.features_dir(self.encoder_id)
-        ids = sorted(p.stem for p in folder.glob("*.h5"))
+        ids = sorted(slide_files(folder))
         if not ids:
             raise WsiMilError(f"no feature files in {folder}; run 'wsi-mil extract' (or set encoder.name)")
         return ids
@@ -47,13 +55,12 @@ class Study:
         return attrs
 
 
-def load_study(out: Path, encoder_name: str, labels_csv: Path | None) -> Study:
+def load_study(out: Path, encoder_name: str, labels_csv: Path | None, fold_case: bool = False) -> Study:
+    from ..mil.data import read_labels
+
     labels = {}
     if labels_csv is not None:
-        for row in read_csv_rows(labels_csv, "train.labels"):
-            if "slide_id" not in row or "label" not in row:
-                raise WsiMilError(f"{Path(labels_csv).name}: labels CSV needs columns slide_id,label")
-            labels[row["slide_id"]] = row
+        labels = {row["slide_id"]: row for row in read_labels(labels_csv, fold_case=fold_case)}
     return Study(Layout(out), encoder_id(encoder_name), labels)
 
 
@@ -61,6 +68,8 @@ def link(src: Path, dst: Path) -> None:
     """``dst`` points at ``src`` (a symlink to its absolute path), replaced atomically."""
     if not src.is_file():
         raise WsiMilError(f"missing {src}")
+    if dst.resolve() == src.resolve():
+        raise WsiMilError(f"export: {dst} is {src} itself; refusing to link a file over itself")
     with atomic_path(dst) as tmp:
         os.symlink(src.resolve(), tmp)
 
@@ -81,10 +90,32 @@ def register_format(name: str):
     return deco
 
 
+def check_target(study: Study, to: Path) -> Path:
+    """``to`` if an export may replace it whole; a one-line error for anything of the study's or the user's."""
+    to = Path(to)
+    root = study.layout.root
+    if study.layout.owns(to):
+        raise WsiMilError(f"export --to {to}: it is, holds, or lies inside the study's own output folders "
+                          f"({root}); an export never writes there: give a folder of its own, e.g. {root}/export")
+    if to.exists() and not to.is_dir():
+        raise WsiMilError(f"export --to {to}: exists and is not a folder")
+    if to.is_dir() and not (to / MARKER).is_file() and any(to.iterdir()):
+        raise WsiMilError(f"export --to {to}: a non-empty folder that no wsi-mil export made; an export replaces "
+                          f"its whole folder, so give a new or empty one")
+    return to
+
+
 def export_study(fmt: str, study: Study, to: Path) -> str:
     from . import clam, torchmil, trident  # noqa: F401  (registration)
 
     if fmt not in FORMATS:
         raise WsiMilError(f"unknown export format '{fmt}' (choose from {', '.join(sorted(FORMATS))})")
-    Path(to).mkdir(parents=True, exist_ok=True)
-    return FORMATS[fmt](study, Path(to))
+    to = check_target(study, to)
+    study.slide_ids()  # nothing to export is an error before anything is built
+    clean_stale_temps_of(to)  # what a killed export left
+    with atomic_path(to) as tmp:
+        tmp.mkdir()
+        note = FORMATS[fmt](study, tmp)
+        write_text(tmp / MARKER, json.dumps({"format": fmt, "study": str(study.layout.root.resolve()),
+                                             "encoder_id": study.encoder_id}, indent=1))
+    return f"{note} -> {to}"

@@ -28,5 +28,5 @@ def export(study: Study, to: Path) -> str:
             for s in ids if s in study.labels]
     if rows:
         write_csv(to / "dataset.csv", rows, ["case_id", "slide_id", "label"])
-    return f"clam: {len(ids)} slides -> {to}/{{pt_files,h5_files,patches}}" + (
+    return f"clam: {len(ids)} slides in pt_files, h5_files, patches" + (
         f", dataset.csv with {len(rows)} labelled slides" if rows else " (no train.labels: no dataset.csv)")

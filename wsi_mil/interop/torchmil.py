@@ -36,4 +36,4 @@ def export(study: Study, to: Path) -> str:
         "coords": "grid cell (col, row) * patch_size; pass patch_size to WSIDataset",
     }, indent=1))
     n_lab = sum(s in study.labels for s in ids)
-    return f"torchmil: {len(ids)} slides ({n_lab} labelled) -> {to}/{{features,coords,labels}}, patch_size={PATCH_SIZE}"
+    return f"torchmil: {len(ids)} slides ({n_lab} labelled) in features, coords, labels; patch_size={PATCH_SIZE}"

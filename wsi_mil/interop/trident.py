@@ -29,4 +29,4 @@ def export(study: Study, to: Path) -> str:
         folders.add(job.name)
         link(study.layout.patches(sid), job / "patches" / f"{sid}_patches.h5")
         link(study.layout.features(study.encoder_id, sid), job / f"features_{study.encoder_id}" / f"{sid}.h5")
-    return f"trident: {len(ids)} slides -> {to}/{', '.join(sorted(folders))}"
+    return f"trident: {len(ids)} slides in {', '.join(sorted(folders))}"
