@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--host", default="127.0.0.1", help="bind address; any but loopback needs the token")
             sp.add_argument("--port", type=int, default=8000)
             sp.add_argument("--open", action="store_true", help="open the study page in the browser")
+            sp.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                            help="also accept requests whose Host is NAME (repeatable; '*' for any)")
             continue
         sp.add_argument("--config", type=Path, help="YAML config (see wsi-mil config)")
         if name != "config":
@@ -116,6 +119,9 @@ def dispatch(args, cfg: Config) -> int:
     if args.stage == "compare":
         from .mil.compare import write_comparison
 
+        missing = [str(r) for r in args.runs if not r.exists()]
+        if missing:
+            raise WsiMilError(f"compare: no such run folder: {', '.join(missing)}")
         runs = [r for r in args.runs if r.is_dir() and not r.name.startswith(".")]
         if len(runs) < 1:
             raise WsiMilError("compare: give one or more run folders")
@@ -126,7 +132,7 @@ def dispatch(args, cfg: Config) -> int:
     if args.stage == "view":
         from .viewer.serve import serve
 
-        serve(args.out, args.slides, args.run, args.host, args.port, args.open)
+        serve(args.out, args.slides, args.run, args.host, args.port, args.open, tuple(args.allow_host))
         return 0
     if args.stage == "config":
         sys.stdout.write(render_config(cfg))
@@ -134,7 +140,8 @@ def dispatch(args, cfg: Config) -> int:
     if args.stage == "export":
         from .interop import export_study, load_study
 
-        print(export_study(args.format, load_study(args.out, cfg.encoder.name, cfg.train.labels), args.to))
+        print(export_study(args.format, load_study(args.out, cfg.encoder.name, cfg.train.labels,
+                                                           cfg.train.fold_label_case), args.to))
         return 0
     layout = _writable(args.out)
     progress = not args.no_progress
@@ -168,8 +175,23 @@ def dispatch(args, cfg: Config) -> int:
     raise WsiMilError(f"unknown stage {args.stage}")
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may stand anywhere, before or after options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not (hasattr(args, "overrides") and OVERRIDE.match(a))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 
 from ..errors import WsiMilError
-from ..layout import Layout, check_name
+from ..layout import Layout, check_name, is_data_name, slide_files
 from ..runner.manifest import read_manifest
 from ..slide.discover import discover_slides
 from ..userfiles import read_csv_rows
@@ -125,12 +125,11 @@ class Study:
             e.status[row["stage"]] = row.get("status", "")
             if row.get("status") == "failed":
                 e.reasons.append(f"{row['stage']}: {row.get('reason', '')}")
-        if self.layout.patches_dir.is_dir():
-            for p in sorted(self.layout.patches_dir.glob("*.h5")):
-                entry(p.stem)
+        for slide_id in slide_files(self.layout.patches_dir):
+            entry(slide_id)
         if self.layout.heatmaps_dir(self.run).is_dir():
             for p in sorted(self.layout.heatmaps_dir(self.run).iterdir()):
-                if p.is_dir():
+                if p.is_dir() and is_data_name(p.name):  # not a slide folder still being built
                     entry(p.name)
         labels = self._csv_by_slide(self.layout.out_of_fold(self.run))
         predicted = {**labels, **self._csv_by_slide(self.layout.predictions(self.run))}

@@ -28,6 +28,7 @@ from ..slide.reader import SlideReader
 TILE = 256
 CMAPS = ("jet", "turbo", "viridis", "magma", "inferno", "coolwarm", "RdYlBu_r")
 MAX_RASTER_SIDE = 4096
+UNREADABLE = (OSError, KeyError, ValueError, TypeError)  # what h5py raises on a truncated or foreign file
 CONTOUR_RGBA = (40, 200, 40, 255)
 
 
@@ -122,22 +123,36 @@ class SlideView:
     def patch_attrs(self) -> dict:
         if self._patches is None:
             return {}
-        with h5py.File(self._patches, "r") as fh:
-            return dict(fh["coords"].attrs)
+        try:
+            with h5py.File(self._patches, "r") as fh:
+                return dict(fh["coords"].attrs)
+        except UNREADABLE:
+            return {}
 
     @cached_property
     def tissue_mask(self) -> np.ndarray | None:
         if self._patches is None:
             return None
-        with h5py.File(self._patches, "r") as fh:
-            return fh["tissue_mask"][:] > 0 if "tissue_mask" in fh else None
+        try:
+            with h5py.File(self._patches, "r") as fh:
+                return fh["tissue_mask"][:] > 0 if "tissue_mask" in fh else None
+        except UNREADABLE:
+            return None
 
     @cached_property
     def scores(self) -> dict:
-        """coords, patch size, class names and one percentile (and logit) array per map."""
+        """coords, patch size, class names and one percentile (and logit) array per map; {} when there is
+        no scores file or it cannot be read whole (a truncated file shows the slide without a heatmap)."""
         if self._scores is None:
             return {}
-        with h5py.File(self._scores, "r") as fh:
+        try:
+            return self._read_scores(self._scores)
+        except UNREADABLE:
+            return {}
+
+    @staticmethod
+    def _read_scores(path: Path) -> dict:
+        with h5py.File(path, "r") as fh:
             classes = json.loads(fh.attrs.get("classes", "[]"))
             out = {"coords": fh["coords"][:].astype(np.int64), "size0": float(fh["coords"].attrs["patch_size_level0"]),
                    "patch_level": int(fh["coords"].attrs["patch_level"]),
@@ -150,7 +165,19 @@ class SlideView:
             else:
                 out["maps"]["attention"] = fh["attention_percentile"][:].astype(np.float32)
                 out["logits"]["attention"] = fh["attention_logits"][:].astype(np.float32)
+            if "refined_coords" in fh:  # heatmap.refine: the denser grid's scores of the mapped class
+                out["refined"] = (fh["refined_coords"][:].astype(np.int64).reshape(-1, 2),
+                                  fh["refined_attention_percentile"][:].astype(np.float32))
         return out
+
+    def map_points(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Coords and percentiles painted for map ``name``: the refined patches join the mapped class's
+        map (or the single attention map), as in the heatmap stage's exports."""
+        s = self.scores
+        coords, pct = s["coords"], s["maps"][name]
+        if "refined" in s and name in ("attention", s.get("mapped_class")):
+            coords, pct = np.concatenate([coords, s["refined"][0]]), np.concatenate([pct, s["refined"][1]])
+        return coords, pct
 
     def raster(self, name: str) -> tuple[np.ndarray, float] | None:
         """(percentile/100 raster, level-0 px per raster px) of map ``name``, built once."""
@@ -160,7 +187,8 @@ class SlideView:
                 if name not in s.get("maps", {}):
                     return None
                 ds = max(s["size0"] / 4, max(self.width, self.height) / MAX_RASTER_SIDE, 1.0)
-                r = score_raster(s["coords"], s["maps"][name] / 100.0, s["size0"], self.width, self.height, ds)
+                coords, pct = self.map_points(name)
+                r = score_raster(coords, pct / 100.0, s["size0"], self.width, self.height, ds)
                 self._rasters[name] = (clip_to_tissue(r, self.tissue_mask).astype(np.float16), ds)  # 256 levels
             return self._rasters[name]
 
