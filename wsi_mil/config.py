@@ -124,6 +124,7 @@ class TrainConfig(Section):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     missing: Literal["skip", "error"] = "skip"
     split_column: str | None = None
+    fold_label_case: bool = False
     seed: int = 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import tifffile
@@ -34,8 +35,10 @@ def iter_tiles(image: np.ndarray, tile: int) -> Iterator[np.ndarray]:
 def description_text(text: str) -> str:
     """Free text made safe inside an Aperio description: readers split it on ``|`` into ``key = value``
     fields, so a slide named ``x|MPP = 100|y`` must not become a field. Separators, ``=`` and control
-    characters are replaced."""
-    return "".join("_" if c in "|=" or ord(c) < 32 or ord(c) == 127 else c for c in str(text))
+    characters are replaced. TIFF ASCII tags hold 7-bit text only, so other characters are written as
+    their percent-encoded UTF-8 (``é`` -> ``%C3%A9``; ``urllib.parse.unquote`` gives the name back)."""
+    safe = "".join("_" if c in "|=" or ord(c) < 32 or ord(c) == 127 else c for c in str(text))
+    return "".join(c if ord(c) < 128 else quote(c, safe="") for c in safe)
 
 
 def write_pyramid(path: str | Path, width: int, height: int, downsamples: list[int], tiles: TileSource,

@@ -12,12 +12,14 @@ from pathlib import Path
 from .config import Config
 from .errors import WsiMilError
 from .layout import Layout
+from .mil.data import read_labels
 from .mil.ensemble import is_complete_run
 from .slide import SlideRef
 from .stages import extract, heatmap, tile
 from .stages.base import run_stage
 from .stages.predict import predict
 from .stages.train import train
+from .userfiles import read_json
 
 
 @dataclass
@@ -25,6 +27,17 @@ class StageOutcome:
     stage: str
     ok: bool
     line: str
+
+
+def labels_note(run: Path, cfg: Config) -> str | None:
+    """A line when ``train.labels`` is given but a complete run already exists and is used instead: always
+    that it was not retrained, and which classes differ when they do."""
+    classes = set(read_json(run / "summary.json", "run summary").get("classes") or [])
+    labels = {r["label"] for r in read_labels(cfg.train.labels, fold_case=cfg.train.fold_label_case)}
+    differ = "" if labels == classes else (f"; its classes {sorted(classes)} differ from the labels' "
+                                           f"{sorted(labels)}")
+    return (f"run: train.labels is ignored: the complete model {run} is used as it is{differ} "
+            f"(to retrain, run 'wsi-mil train' or choose another train.run_name)")
 
 
 def run_pipeline(slides: list[SlideRef], layout: Layout, cfg: Config, model: Path | None = None,
@@ -40,6 +53,10 @@ def run_pipeline(slides: list[SlideRef], layout: Layout, cfg: Config, model: Pat
                 raise WsiMilError(f"no complete trained model at {model}: pass --model, or train.labels to train one")
             summary, model = train(layout, cfg, progress)
             outcomes.append(StageOutcome("train", True, f"train: {summary['n_slides']} slides -> {model}"))
+        elif cfg.train.labels is not None:
+            note = labels_note(model, cfg)
+            if note:
+                print(note)
     result = predict(layout, cfg, model=model)
     outcomes.append(StageOutcome("predict", result.ok, result.summary()))
     cfg = cfg.model_copy(update={"heatmap": cfg.heatmap.model_copy(update={"run": str(Path(model).resolve())})})

@@ -32,7 +32,10 @@ class CheckpointMeta:
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"wsi_mil": json.dumps(asdict(meta))})
+        try:
+            save_file(state, str(tmp), metadata={"wsi_mil": json.dumps(asdict(meta))})
+        except Exception as exc:  # SafetensorError on a full disk is no OSError: one line all the same
+            raise WsiMilError(f"{Path(path).name}: cannot write the checkpoint ({one_line(exc)})") from None
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:
@@ -54,8 +57,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not path.is_file():
         raise WsiMilError(f"checkpoint not found: {path}")
     meta = read_meta(path)
-    model = build_model(meta.model, meta.feature_dim, len(meta.label_map))  # name + kwargs from the metadata
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    try:
+        model = build_model(meta.model, meta.feature_dim, len(meta.label_map))  # name + kwargs from the metadata
+        model.load_state_dict(load_file(str(path), device=str(device)))
+    except WsiMilError:
+        raise
+    except Exception as exc:  # metadata that does not describe these weights, or unreadable tensors
+        raise WsiMilError(f"{path.name}: its weights do not match its metadata ({one_line(exc)[:200]}); "
+                          f"train it again") from None
     return model.to(device).eval(), meta
 
 

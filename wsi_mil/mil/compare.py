@@ -8,7 +8,6 @@ one ``wsi-mil train model.name=a,b,...`` are). Writes ``comparison.csv``, ``comp
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -16,20 +15,24 @@ import numpy as np
 
 from ..atomic import atomic_path, write_csv, write_text
 from ..errors import WsiMilError
-from .ensemble import RUN_MARKER
+from ..userfiles import read_json
+from .ensemble import RUN_MARKER, model_files
 
 METRICS = ("auroc", "balanced_accuracy", "macro_f1")
 
 
 def _load(run: Path) -> dict:
-    path = Path(run) / RUN_MARKER
-    if not path.is_file():
-        raise WsiMilError(f"{run}: not a complete training run (no {RUN_MARKER})")
-    summary = json.loads(path.read_text())
-    if not summary.get("folds"):
+    """A run's summary and splits; a missing path, an incomplete run (no summary, a missing or replaced fold
+    file) or an unreadable summary is one line naming it."""
+    run = Path(run)
+    if not run.exists():
+        raise WsiMilError(f"compare: {run}: no such run folder")
+    model_files(run)  # complete: summary present, every fold file there and the one trained
+    summary = read_json(run / RUN_MARKER, "run summary")
+    if not isinstance(summary, dict) or not summary.get("folds"):
         raise WsiMilError(f"{run}: no test folds to compare (train with train.folds >= 2)")
-    splits = (Path(run) / "splits.csv").read_text() if (Path(run) / "splits.csv").is_file() else ""
-    return {"run": Path(run).name, "model": summary.get("model", "?"), "folds": summary["folds"], "splits": splits}
+    splits = (run / "splits.csv").read_text() if (run / "splits.csv").is_file() else None
+    return {"run": run.name, "model": summary.get("model", "?"), "folds": summary["folds"], "splits": splits}
 
 
 def _paired_p(a: list[float], b: list[float]) -> float:
@@ -53,7 +56,9 @@ def compare(runs: list[Path], loaded: list[dict] | None = None) -> list[dict]:
     best = max(range(len(rows)), key=lambda i: rows[i]["auroc_mean"])
     ref = loaded[best]
     for row, item in zip(rows, loaded):
-        same = item["splits"] == ref["splits"] and len(item["folds"]) == len(ref["folds"])
+        # paired only on folds known to hold the same slides: both runs' splits.csv present and equal
+        same = (item["splits"] is not None and item["splits"] == ref["splits"]
+                and len(item["folds"]) == len(ref["folds"]))
         row["best"] = row is rows[best]
         row["p_vs_best"] = (_paired_p([f["auroc"] for f in item["folds"]], [f["auroc"] for f in ref["folds"]])
                             if same else math.nan)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import WsiMilError
+from ..layout import slide_files
 from ..runner.memory import large_blocks_from_mmap
 from ..userfiles import read_csv_rows
 
@@ -43,9 +44,16 @@ class BagSet:
     encoder_id: str
     no_features: list[str]  # labelled slides without a feature file
     no_label: list[str]  # feature files without a label
+    no_patches: list[str] = field(default_factory=list)  # labelled, but 0 patches: no bag, no prediction
 
 
-def read_labels(path: str | Path, split_column: str | None = None) -> list[dict]:
+def read_labels(path: str | Path, split_column: str | None = None, fold_case: bool = False) -> list[dict]:
+    """Rows of a labels CSV (slide_id, label[, patient_id][, split_column]), checked.
+
+    Ids and labels are stripped of surrounding spaces. An empty slide_id or label (a short row too) is an
+    error naming its line. Labels that differ only in case (``Tumour``/``tumour``) are an error naming
+    them, unless ``fold_case`` (``train.fold_label_case``): then each takes the spelling most rows use.
+    """
     path = Path(path)
     if not path.is_file():
         raise WsiMilError(f"train.labels: file not found: {path}")
@@ -55,11 +63,36 @@ def read_labels(path: str | Path, split_column: str | None = None) -> list[dict]
     if split_column and split_column not in rows[0]:
         raise WsiMilError(f"{path.name}: no column '{split_column}' (train.split_column)")
     seen = set()
-    for r in rows:
+    for line, r in enumerate(rows, start=2):  # line 1 is the header
+        for key in ("slide_id", "label", "patient_id"):
+            if isinstance(r.get(key), str):
+                r[key] = r[key].strip()
+        if not r.get("slide_id") or not r.get("label"):
+            missing = "slide_id" if not r.get("slide_id") else "label"
+            raise WsiMilError(f"{path.name} line {line}: empty {missing} (row {list(r.values())[:3]}); "
+                              f"fill it in or delete the row")
         if r["slide_id"] in seen:
             raise WsiMilError(f"{path.name}: slide_id '{r['slide_id']}' appears twice")
         seen.add(r["slide_id"])
+    _check_label_case(rows, path.name, fold_case)
     return rows
+
+
+def _check_label_case(rows: list[dict], name: str, fold_case: bool) -> None:
+    spellings: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts = spellings.setdefault(r["label"].casefold(), {})
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    clashes = {k: v for k, v in spellings.items() if len(v) > 1}
+    if not clashes:
+        return
+    if not fold_case:
+        shown = "; ".join(" / ".join(repr(s) for s in v) for v in clashes.values())
+        raise WsiMilError(f"{name}: labels differ only in case: {shown}; correct them, or set "
+                          f"train.fold_label_case=true to treat them as one class")
+    chosen = {k: max(v, key=v.get) for k, v in clashes.items()}  # the most used spelling (first on a tie)
+    for r in rows:
+        r["label"] = chosen.get(r["label"].casefold(), r["label"])
 
 
 def make_label_map(values: list[str]) -> dict[str, int]:
@@ -77,8 +110,13 @@ def feature_info(path: Path) -> tuple[int, str]:
 
 
 def load_features(path: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A bag's (N, D) features; NaN or inf anywhere is an error naming the file (never a prediction)."""
     with h5py.File(path, "r") as fh:
         t = torch.from_numpy(np.ascontiguousarray(fh["features"][:]))
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(1).sum())
+        raise WsiMilError(f"{Path(path).name}: {bad} of {len(t)} patches have NaN or inf features; "
+                          f"extract this slide again (wsi-mil extract --overwrite)")
     return t if dtype is None else t.to(dtype)
 
 
@@ -154,14 +192,15 @@ def pad_batch(items: list[tuple[torch.Tensor, int]], dtype: torch.dtype = torch.
 
 
 def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str = "skip",
-                split_column: str | None = None, label_map: dict[str, int] | None = None) -> BagSet:
+                split_column: str | None = None, label_map: dict[str, int] | None = None,
+                fold_case: bool = False) -> BagSet:
     """Every labelled bag, by file (features are read later, through a :class:`BagCache`). Slides with no
     features and features with no label are listed; with ``missing='error'`` either is an error."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise WsiMilError(f"features folder not found: {features_dir} (run 'wsi-mil extract' or set train.features)")
-    rows = read_labels(labels_csv, split_column)
-    files = {p.stem: p for p in sorted(features_dir.glob("*.h5"))}
+    rows = read_labels(labels_csv, split_column, fold_case)
+    files = slide_files(features_dir)
     no_features = [r["slide_id"] for r in rows if r["slide_id"] not in files]
     labelled = {r["slide_id"] for r in rows}
     no_label = [sid for sid in files if sid not in labelled]
@@ -174,7 +213,7 @@ def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str =
         raise WsiMilError(f"no labelled slide has features in {features_dir}")
     label_map = label_map or make_label_map([str(r["label"]) for r in rows])
     dims = {}
-    bags = []
+    bags, empty = [], []
     for r in rows:
         dim, enc = feature_info(files[r["slide_id"]])
         dims.setdefault((dim, enc), []).append(r["slide_id"])
@@ -182,9 +221,15 @@ def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str =
         if label not in label_map:
             raise WsiMilError(f"slide {r['slide_id']}: label '{label}' is not one of {sorted(label_map)}")
         path = files[r["slide_id"]]
+        n = _n_instances(path)
+        if n == 0:
+            empty.append(r["slide_id"])
+            continue
         bags.append(Bag(r["slide_id"], None, label_map[label], r.get("patient_id") or r["slide_id"],
-                        r.get(split_column) if split_column else None, path, _n_instances(path)))
+                        r.get(split_column) if split_column else None, path, n))
     if len(dims) > 1:
         raise WsiMilError(f"feature files disagree on (dim, encoder): {json.dumps({str(k): v[:3] for k, v in dims.items()})}")
     (dim, enc), = dims
-    return BagSet(bags, label_map, dim, enc, no_features, no_label)
+    if len(bags) < 2:
+        raise WsiMilError(f"only {len(bags)} labelled slide(s) have patches in {features_dir}; nothing to train")
+    return BagSet(bags, label_map, dim, enc, no_features, no_label, empty)

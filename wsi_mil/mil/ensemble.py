@@ -8,6 +8,7 @@ made with one model are recognised as stale once the model changes.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from ..atomic import file_sha256, write_text
 from ..errors import WsiMilError
+from ..layout import Layout
 from .checkpoint import CheckpointMeta, load_checkpoint
 
 RUN_MARKER = "summary.json"
@@ -62,12 +64,60 @@ def model_files(model_path: str | Path) -> list[Path]:
     missing = [f.name for f in files if not f.is_file()]
     if not files or missing:
         raise WsiMilError(f"{path}: run is incomplete, missing {', '.join(missing) or 'every fold'}; train it again")
+    _check_hashes(marker, files)
     return files
+
+
+def _check_hashes(marker: Path, files: list[Path]) -> None:
+    """Each fold file must be the one train wrote: its sha256 as ``summary.json`` lists it."""
+    try:
+        listed = json.loads(marker.read_text()).get("fold_sha256")
+    except (ValueError, AttributeError):
+        listed = None
+    if not listed:
+        return  # runs written before fold hashes were recorded
+    if len(listed) != len(files):
+        raise WsiMilError(f"{marker}: lists {len(files)} fold files but {len(listed)} hashes; train it again")
+    for f, want in zip(files, listed):
+        if file_sha256(f) != want:
+            raise WsiMilError(f"{f}: not the file this run trained (its sha256 differs from {marker.name}'s "
+                              f"fold_sha256); a fold file was replaced or copied over: train the run again")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A trained model, resolved and checked: its path, its name (for ``heatmaps/<name>/`` and
+    ``predictions/<name>.csv``), its checkpoint files and its content id."""
+
+    path: Path
+    name: str
+    files: tuple[Path, ...]
+    model_id: str
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> ModelRef:
+        path = Path(path)
+        files = tuple(model_files(path))
+        name = path.name.removesuffix(".safetensors") if path.is_file() else path.resolve().name
+        return cls(path, name, files, model_id(path))
+
+
+def resolve_model(layout: Layout, ref: str | Path) -> ModelRef:
+    """The one place a model reference becomes a model: ``--model``, ``heatmap.run``, ``train.run_name``.
+
+    A plain name is a run under ``models/``; a ``Path``, a string with a ``/`` or a ``.safetensors`` file
+    name is a path to a run folder or a checkpoint. The run must be complete and its fold files the ones
+    it trained (their hashes); anything else is one line.
+    """
+    text = str(ref)
+    if isinstance(ref, Path) or "/" in text or text.endswith(".safetensors"):
+        return ModelRef.from_path(Path(ref))
+    return ModelRef.from_path(layout.run_dir(text))
 
 
 def model_id(model_path: str | Path) -> str:
     """A short content hash of the model: the run's summary (which names its folds and their hashes) or the
-    checkpoint itself."""
+    checkpoint itself. The fold files are checked against those hashes first."""
     path = Path(model_path)
     files = model_files(path)
     return _sha(path / RUN_MARKER) if path.is_dir() else _sha(files[0])
@@ -77,12 +127,12 @@ class Ensemble:
     """The fold models of a run (or one checkpoint); probabilities and instance scores are averaged over
     them. ``per_class``: the head scores instances per class ([C, N]) rather than once ([N])."""
 
-    def __init__(self, model_path: str | Path, device: str | torch.device = "cpu"):
-        self.path = Path(model_path)
+    def __init__(self, model: str | Path | ModelRef, device: str | torch.device = "cpu"):
+        self.ref = model if isinstance(model, ModelRef) else ModelRef.from_path(model)
+        self.path = self.ref.path
         self.device = torch.device(device)
-        files = model_files(self.path)
-        self.model_id = model_id(self.path)
-        loaded = [load_checkpoint(p, self.device) for p in files]
+        self.model_id = self.ref.model_id
+        loaded = [load_checkpoint(p, self.device) for p in self.ref.files]
         self.models = [m for m, _ in loaded]
         self.meta: CheckpointMeta = loaded[0][1]
         self.classes = sorted(self.meta.label_map, key=self.meta.label_map.get)
@@ -100,4 +150,7 @@ class Ensemble:
                 out = model(x, mask)
                 probs.append(torch.softmax(out.logits.float(), 1)[0])
                 scores.append(out.instance_scores[0].float())
-        return torch.stack(probs).mean(0).cpu().numpy(), torch.stack(scores).mean(0).cpu().numpy()
+        p, sc = torch.stack(probs).mean(0).cpu().numpy(), torch.stack(scores).mean(0).cpu().numpy()
+        if not (np.isfinite(p).all() and np.isfinite(sc).all()):
+            raise WsiMilError(f"model {self.path.name} gave NaN or inf for this bag; no prediction")
+        return p, sc

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..config import Config, config_to_dict
 from ..device import cpu_precision, pick_device
 from ..errors import ConfigError, WsiMilError
@@ -25,16 +26,10 @@ from ..heatmap.scores import percentile_rank, softmax
 from ..layout import Layout, encoder_id
 from ..mil.checkpoint import check_compatible
 from ..mil.data import load_features
-from ..mil.ensemble import Ensemble, model_files, model_id
+from ..mil.ensemble import Ensemble, resolve_model
 from ..runner import per_process
 from ..slide import SlideRef
 from .base import SlideStage, open_configured
-
-
-def run_path(layout: Layout, cfg: Config) -> Path:
-    """``heatmap.run`` as a run name under ``models/``, or a path to a run folder or checkpoint."""
-    run = cfg.heatmap.run or cfg.train.run_name
-    return Path(run) if ("/" in run or Path(run).suffix == ".safetensors") else layout.run_dir(run)
 
 
 def run_name(cfg: Config) -> str:
@@ -42,12 +37,23 @@ def run_name(cfg: Config) -> str:
     return Path(cfg.heatmap.run or cfg.train.run_name).name.removesuffix(".safetensors")
 
 
+def _stamp(path: Path) -> str:
+    """What changes when a run or checkpoint is rewritten (names, sizes, mtimes), without hashing it."""
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        return str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in files])
+    except OSError:
+        return "missing"
+
+
 def ensemble(layout: Layout, cfg: Config) -> Ensemble:
-    """The run's fold models, loaded once per process (reloaded when the model changes)."""
-    path = run_path(layout, cfg)
-    key = str([(str(f.resolve()), f.stat().st_mtime_ns, f.stat().st_size) for f in model_files(path)])
+    """The run's fold models (``heatmap.run`` or ``train.run_name``, resolved by :func:`resolve_model`),
+    loaded once per process and again when the model's files change."""
+    ref = cfg.heatmap.run or cfg.train.run_name
+    where = ref if ("/" in ref or ref.endswith(".safetensors")) else str(layout.run_dir(ref))
     device = pick_device(cfg.train.device)
-    return per_process("ensemble", key + model_id(path) + str(device), lambda: Ensemble(path, device))
+    return per_process("ensemble", _stamp(Path(where)) + str(device),
+                       lambda: Ensemble(resolve_model(layout, ref), device))
 
 
 def summary_path(layout: Layout, slide_id: str, cfg: Config) -> Path:
@@ -108,12 +114,21 @@ def refine(slide: SlideRef, cfg: Config, ens: Ensemble, coords: np.ndarray, attr
 
 
 def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
-    h = cfg.heatmap
+    """Map one slide. Its folder is built whole under a temp name and swapped in: a slide that fails (or a
+    killed run) leaves the previous folder or none, never a partial one the viewer would offer."""
     ens = ensemble(layout, cfg)
     feats, coords, attrs = _load_features(layout, slide.slide_id, ens)
+    with atomic_path(layout.heatmap_dir(run_name(cfg), slide.slide_id)) as folder:
+        folder.mkdir()
+        return _map_slide(slide, cfg, ens, feats, coords, attrs, folder, _tissue_mask(layout, slide.slide_id))
+
+
+def _map_slide(slide: SlideRef, cfg: Config, ens: Ensemble, feats, coords: np.ndarray, attrs: dict, folder: Path,
+               mask: np.ndarray | None) -> str:
+    h = cfg.heatmap
     base = {"slide_id": slide.slide_id, "run": run_name(cfg), "model_id": ens.model_id}
     if len(coords) == 0:  # glass only: there is nothing to map and no prediction to make
-        export.summary_json(summary_path(layout, slide.slide_id, cfg), {
+        export.summary_json(folder / "summary.json", {
             **base, "prediction": None, "n_patches": 0, "note": "0 patches (no tissue): nothing to map"})
         return "0 patches: nothing to map"
     precision = cpu_precision(h.precision)
@@ -123,8 +138,6 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
     att = scores[k] if ens.per_class else scores  # per-class heads: the map of the predicted class
     attention = softmax(att)
     pct = percentile_rank(att)
-    folder = layout.heatmap_dir(run_name(cfg), slide.slide_id)
-    mask = _tissue_mask(layout, slide.slide_id)
     size0 = float(attrs["patch_size_level0"])
     all_coords, all_pct = coords, pct
     if h.refine:
@@ -144,6 +157,9 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
                          "class_attention_percentile": class_pct.astype(np.float32)})
         for c, s_c, p_c in zip(ens.classes, scores, class_pct):
             measurements.update({f"attention_{c}": s_c, f"attention_percentile_{c}": p_c})
+    if h.refine:  # the refined patches' scores, so the viewer draws the map the exports drew
+        datasets.update({"refined_coords": all_coords[len(coords):],
+                         "refined_attention_percentile": all_pct[len(coords):].astype(np.float32)})
     write_h5(folder / "scores.h5", datasets,
              {"coords": attrs, "/": {**base, "classes": json.dumps(ens.classes), "mapped_class": pred}})
     measurements.update({f"prob_{c}": np.full(len(coords), p) for c, p in zip(ens.classes, probs)})
@@ -157,7 +173,7 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
         # exports are independent and mostly encode outside the GIL: two threads overlap them
         for result in [f.result() for f in [pool.submit(export.EXPORTS[name], job) for name in h.exports]]:
             extra.update(result or {})
-    export.summary_json(summary_path(layout, slide.slide_id, cfg), {
+    export.summary_json(folder / "summary.json", {
         **base, "prediction": pred, "probabilities": dict(zip(ens.classes, map(float, probs))),
         "model": ens.meta.model["name"], "n_models": len(ens.models), "mapped_class": pred,
         "per_class_maps": ens.per_class,
@@ -185,7 +201,7 @@ def _complete(path: Path, cfg: Config) -> bool:
     """Done only if its summary parses and names the model the run holds now."""
     summary = json.loads(path.read_text())
     layout = Layout(path.parents[3])  # heatmaps/<run>/<slide>/summary.json
-    return summary.get("model_id") == model_id(run_path(layout, cfg))
+    return summary.get("model_id") == ensemble(layout, cfg).model_id
 
 
 STAGE = SlideStage(

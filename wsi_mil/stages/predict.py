@@ -16,10 +16,10 @@ from ..atomic import write_csv
 from ..config import Config
 from ..device import pick_device
 from ..errors import WsiMilError, one_line
-from ..layout import Layout
+from ..layout import Layout, slide_files
 from ..mil.checkpoint import check_compatible
 from ..mil.data import feature_info, load_features
-from ..mil.ensemble import Ensemble
+from ..mil.ensemble import Ensemble, resolve_model
 from ..runner import Record, update_manifest
 
 
@@ -60,14 +60,13 @@ def predict_file(ensemble: Ensemble, path: Path) -> dict:
 
 def predict(layout: Layout, cfg: Config, model: Path | None = None, features: Path | None = None,
             output: Path | None = None) -> PredictResult:
-    model_path = Path(model) if model else layout.run_dir(cfg.train.run_name)
-    ensemble = Ensemble(model_path, pick_device(cfg.train.device))
+    ref = resolve_model(layout, Path(model) if model else cfg.train.run_name)
+    ensemble = Ensemble(ref, pick_device(cfg.train.device))
     features = Path(features) if features else layout.features_dir(ensemble.meta.encoder_id)
-    files = sorted(features.glob("*.h5"))
+    files = list(slide_files(features).values())
     if not files:
         raise WsiMilError(f"no feature files in {features}")
-    name = model_path.stem if model_path.is_file() else model_path.name
-    result = PredictResult(Path(output) if output else layout.predictions(name), len(ensemble.models))
+    result = PredictResult(Path(output) if output else layout.predictions(ref.name), len(ensemble.models))
     for path in files:
         try:
             result.rows.append(predict_file(ensemble, path))

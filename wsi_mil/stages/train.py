@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from ..atomic import atomic_path, clean_stale_temps, file_sha256, write_csv, write_text
 from ..config import Config, config_to_dict
 from ..device import pick_device
-from ..errors import ConfigError, WsiMilError
+from ..errors import ConfigError, WsiMilError, one_line
 from ..layout import Layout, encoder_id
 from ..mil.checkpoint import CheckpointMeta, save_checkpoint
 from ..mil.data import BagCache, BagSet, load_bagset
@@ -98,7 +99,10 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False, c
         row.update({f"prob_{c}": ("" if np.isnan(oof[i, k]) else f"{oof[i, k]:.6f}") for k, c in enumerate(classes)})
         row["pred"] = "" if np.isnan(oof[i]).any() else classes[int(np.nanargmax(oof[i]))]
         pred_rows.append(row)
-    write_csv(out_dir / "predictions.csv", pred_rows)
+    for sid in data.no_patches:  # in the cohort, but no bag: no prediction, as in predict
+        pred_rows.append({"slide_id": sid, "fold": -1, "note": "0 patches (no tissue): no prediction"})
+    write_csv(out_dir / "predictions.csv", pred_rows,
+              ["slide_id", "patient_id", "label", "fold", *(f"prob_{c}" for c in classes), "pred", "note"])
     write_csv(out_dir / "history.csv", history)
     _plot_curves(history, out_dir / "curves.png")
     write_text(out_dir / "label_map.json", json.dumps(data.label_map, indent=1))
@@ -110,10 +114,24 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False, c
         "folds": fold_metrics,
         "mean_std": mean_std(fold_metrics) if fold_metrics else {},
         "pooled_out_of_fold": classification_metrics(y[tested], oof[tested], classes) if tested.any() else {},
-        "skipped": {"no_features": data.no_features, "no_label": data.no_label},
+        "skipped": {"no_features": data.no_features, "no_label": data.no_label, "no_patches": data.no_patches},
     }
     write_run_summary(out_dir, summary)  # last: it marks the run complete
     return summary
+
+
+def check_bags(data: BagSet, cache: BagCache, progress: bool = False) -> None:
+    """Read every bag once before any fold trains (filling the cache): a file with NaN or inf features, or
+    one that cannot be read, is one line naming it now, not a crash after a whole cross-validation."""
+    bad = []
+    for bag in tqdm(data.bags, desc="reading bags", leave=False, disable=not progress):
+        try:
+            cache.get(bag)
+        except (WsiMilError, OSError, KeyError) as exc:
+            bad.append(one_line(exc))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise WsiMilError(f"cannot train: {bad[0]}{more}; extract those slides again or remove them from the labels")
 
 
 def run_names(cfg: Config) -> list[tuple[str, str]]:
@@ -132,13 +150,16 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
             raise ConfigError(f"config error: model.name: unknown MIL model '{name}' (choose from {', '.join(sorted(MODELS))})")
     if cfg.train.labels is None:
         raise WsiMilError("train.labels is required: a CSV with slide_id,label[,patient_id] (e.g. train.labels=labels.csv)")
-    data = load_bagset(features_dir(layout, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column)
+    data = load_bagset(features_dir(layout, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column,
+                       fold_case=cfg.train.fold_label_case)
     for what, ids in (("labelled slides without features", data.no_features),
-                      ("feature files without a label", data.no_label)):
+                      ("feature files without a label", data.no_label),
+                      ("labelled slides with 0 patches (no prediction)", data.no_patches)):
         if ids:
             print(f"skipped {len(ids)} {what}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
     clean_stale_temps(layout.models_dir)  # runs a killed train left half-built
     cache = BagCache.from_config(cfg.train, share=max(1, cfg.train.num_workers))  # shared by every model and fold
+    check_bags(data, cache, progress)
     for model_name, run in run_names(cfg):
         one = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": model_name}),
                                      "train": cfg.train.model_copy(update={"run_name": run})})
