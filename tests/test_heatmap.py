@@ -1,5 +1,8 @@
 import json
+import os
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 import zarr
@@ -9,6 +12,7 @@ from wsi_mil.cli import main
 from wsi_mil.heatmap import export
 from wsi_mil.heatmap.raster import colorize, score_raster
 from wsi_mil.heatmap.scores import percentile_rank
+from wsi_mil.layout import Layout
 from wsi_mil.slide import SlideReader
 
 
@@ -120,6 +124,17 @@ def test_heatmap_stage_end_to_end_with_refinement(cohort, tmp_path):
     refined = json.loads((folder / "summary.json").read_text())
     assert refined["n_refined_patches"] > refined["n_patches"]  # overlap 0.5 roughly quadruples the grid
     assert refined["probabilities"] == summary["probabilities"]  # the bag prediction uses the base grid
+    # the viewer paints the refined patches too: its map is the one the exports drew (issue 17)
+    from wsi_mil.viewer.tiles import SlideView
+
+    view = SlideView(cohort / "slides" / "syn_001.svs", out / "patches" / "syn_001.h5", folder / "scores.h5")
+    try:
+        coords, pct = view.map_points("attention")
+        assert len(coords) == len(pct) == refined["n_patches"] + refined["n_refined_patches"]
+        with h5py.File(folder / "scores.h5") as fh:
+            np.testing.assert_array_equal(coords[refined["n_patches"]:], fh["refined_coords"][:])
+    finally:
+        view.close()
 
 
 def test_run_takes_new_slides_through_tile_extract_predict_heatmap(cohort, tmp_path):
@@ -215,3 +230,45 @@ def test_heatmap_folders_keep_run_names_with_dots():
 
     assert run_name(load_config(None, ["train.run_name=lr0.0005"])) == "lr0.0005"
     assert run_name(load_config(None, ["heatmap.run=/runs/x/fold_0.safetensors"])) == "fold_0"
+
+
+def test_unicode_slide_ids_get_every_heatmap_output_and_a_failed_slide_leaves_no_partial_folder(
+        mapped, tmp_path, monkeypatch):
+    """A slide named ``é中文`` failed with "TIFF strings must be 7-bit ASCII" and left its partial outputs."""
+    from urllib.parse import unquote
+
+    import tifffile
+
+    from wsi_mil.heatmap import export as exports
+
+    slides0, out0 = mapped
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    slides.mkdir()
+    shutil.copytree(out0, out)
+    uni = "é中文"
+    os.symlink(slides0 / "m1.svs", slides / f"{uni}.svs")
+    os.symlink(slides0 / "m0.svs", slides / "m0.svs")
+    layout = Layout(out)
+    for sub in (layout.patches("m1"), layout.features("resnet18", "m1")):
+        shutil.copyfile(sub, sub.with_name(f"{uni}.h5"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"slide_id,label\nm0,normal\n{uni},tumour\n", encoding="utf-8")
+    common = ["--out", str(out), "--no-progress", "encoder.name=resnet18", "encoder.pretrained=false"]
+    assert main(["train", *common, f"train.labels={labels}", "train.folds=1", "train.val_fraction=0",
+                 "train.epochs=1", "model.hidden_dim=16", "model.attention_dim=8"]) == 0
+    assert main(["heatmap", "--slides", str(slides), *common, "heatmap.top_k=1"]) == 0
+    folder = layout.heatmap_dir("default", uni)
+    with tifffile.TiffFile(folder / "heatmap.tiff") as tif:
+        assert uni in unquote(tif.pages[0].description)
+    assert json.loads((folder / "summary.json").read_text(encoding="utf-8"))["slide_id"] == uni
+
+    def broken(job):
+        raise OSError("disk went away")
+
+    monkeypatch.setitem(exports.EXPORTS, "tiff", broken)
+    assert main(["heatmap", "--slides", str(slides), *common, "--overwrite", "heatmap.top_k=1"]) == 1
+    # the failed rewrite left the previous, complete folder; a slide never mapped leaves nothing
+    assert (folder / "summary.json").is_file() and (folder / "heatmap.tiff").is_file()
+    shutil.rmtree(layout.heatmaps_dir("default"))
+    assert main(["heatmap", "--slides", str(slides), *common, "heatmap.top_k=1"]) == 1
+    assert [p.name for p in layout.heatmaps_dir("default").iterdir()] == []

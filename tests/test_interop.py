@@ -5,6 +5,7 @@ torchmil's WSIDataset, OME-NGFF 0.4); none of their code is used."""
 import csv
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -260,6 +261,104 @@ def test_export_torchmil_keeps_every_grid_cell_distinct(study, tmp_path):
         # the same reader on our raw level-0 coords merges cells at this fractional step: the defect we avoid
         raw, attrs = read_coords(layout.patches(sid))
         assert len({tuple(c) for c in torchmil_cells(raw, attrs["patch_size_level0"])}) < len(raw)
+
+
+def _study_bytes(layout: Layout) -> dict[str, bytes]:
+    """Every file of the study's output folder, by path, read through no link (what an export must not touch)."""
+    return {str(p.relative_to(layout.root)): p.read_bytes() for p in sorted(layout.root.rglob("*"))
+            if p.is_file() and not p.is_symlink() and "export" not in p.relative_to(layout.root).parts[0]}
+
+
+def _export_code(layout, fmt, to, labels=None) -> int:
+    return main(["export", "--format", fmt, "--out", str(layout.root), "--to", str(to), *ENC,
+                 *([f"train.labels={labels}"] if labels else [])])
+
+
+def test_export_never_writes_into_or_links_over_the_study_it_reads(study, tmp_path, capsys):
+    layout, labels = study
+    before = _study_bytes(layout)
+    targets = [layout.root, layout.patches_dir, layout.features_dir("resnet18"), layout.root.parent,
+               layout.root / "features"]
+    link = tmp_path / "link_to_features"
+    os.symlink(layout.features_dir("resnet18"), link)
+    for fmt in ("clam", "trident", "torchmil"):
+        for to in [*targets, link]:
+            assert _export_code(layout, fmt, to, labels) == 2, (fmt, to)
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and "study's own output folders" in err, err
+    # a previous export whose h5_files was made a link into the study: the re-export replaces the folder,
+    # and the study's feature files stay regular files with the same bytes
+    to = tmp_path / "clam"
+    assert _export_code(layout, "clam", to, labels) == 0
+    shutil.rmtree(to / "h5_files")
+    os.symlink(layout.features_dir("resnet18"), to / "h5_files")
+    assert _export_code(layout, "clam", to, labels) == 0
+    assert not (to / "h5_files").is_symlink() and (to / "h5_files" / "s0.h5").is_symlink()
+    assert _study_bytes(layout) == before
+    for p in (*layout.patches_dir.glob("*.h5"), *layout.features_dir("resnet18").glob("*.h5")):
+        assert p.is_file() and not p.is_symlink()
+
+
+def test_a_folder_no_export_made_is_never_replaced(study, tmp_path, capsys):
+    layout, labels = study
+    mine = tmp_path / "my_documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert _export_code(layout, "torchmil", mine, labels) == 2
+    assert "no wsi-mil export made" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_reexport_replaces_its_whole_folder_and_a_killed_exports_temp_is_removed(study, tmp_path):
+    from wsi_mil.atomic import temp_name
+
+    layout, labels = study
+    to = tmp_path / "torchmil"
+    assert _export_code(layout, "torchmil", to, labels) == 0  # normal=0, tumour=1; s0..s2 labelled
+    relabelled = tmp_path / "abc.csv"
+    relabelled.write_text("slide_id,label\ns0,C\ns1,A\n")  # s2 no longer labelled
+    assert _export_code(layout, "torchmil", to, relabelled) == 0
+    meta = json.loads((to / "torchmil.json").read_text())
+    assert meta["label_map"] == {"A": 0, "C": 1}
+    assert int(np.load(to / "labels" / "s0.npy")) == 1 and int(np.load(to / "labels" / "s1.npy")) == 0
+    assert not (to / "labels" / "s2.npy").exists()  # the stale label of the first export is gone
+    clam = tmp_path / "clam"
+    assert _export_code(layout, "clam", clam, labels) == 0 and (clam / "dataset.csv").is_file()
+    dead = temp_name(clam).name.rsplit("-", 1)[0] + "-999999999"
+    (clam.parent / dead).mkdir()  # what a SIGKILLed export leaves (a dead writer's pid)
+    assert _export_code(layout, "clam", clam) == 0
+    assert not (clam / "dataset.csv").exists()  # exported without labels: no old dataset.csv
+    assert not (clam.parent / dead).exists()
+
+
+def test_exported_dataset_csv_neutralises_formulas_and_reads_back(study, tmp_path):
+    from wsi_mil.userfiles import read_csv_rows
+
+    layout, _ = study
+    labels = tmp_path / "evil.csv"
+    labels.write_text('slide_id,label,patient_id\ns0,"=HYPERLINK(""http://x"")",@P0\ns1,normal,-P1\n')
+    to = tmp_path / "clam"
+    assert _export_code(layout, "clam", to, labels) == 0
+    with (to / "dataset.csv").open(newline="") as fh:
+        cells = [c for row in csv.reader(fh) for c in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@")]
+    rows = read_csv_rows(to / "dataset.csv", "dataset")
+    assert rows[0]["label"] == '=HYPERLINK("http://x")' and rows[0]["case_id"] == "@P0" and rows[1]["case_id"] == "-P1"
+
+
+def test_stray_hidden_and_temp_feature_files_do_not_abort_an_export(study, tmp_path):
+    layout, _ = study
+    folder = layout.features_dir("resnet18")
+    strays = [folder / ".hidden.h5", folder / ".s0.wsi_mil-tmp-otherhost-12.h5"]
+    for p in strays:
+        p.write_bytes(b"half-written")
+    try:
+        to = tmp_path / "t"
+        assert _export_code(layout, "trident", to) == 0
+        assert sorted(p.name for p in to.rglob("*.h5") if "features" in p.parent.name) == ["s0.h5", "s1.h5", "s2.h5"]
+    finally:
+        for p in strays:
+            p.unlink()
 
 
 # -- OME-Zarr --------------------------------------------------------------------------------------------

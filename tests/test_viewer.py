@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -44,6 +45,11 @@ from wsi_mil.viewer.tiles import TILE, lut
 XSS_ID = "<img src=x onerror=alert(1)>\"'&"
 XSS_TEXT = "<script>alert(1)</script>\"'&"
 SHOTS = Path(os.environ.get("WSI_MIL_SCREENSHOTS", Path(__file__).resolve().parents[1] / "build" / "screenshots"))
+
+
+def local_client(app) -> TestClient:
+    """A client whose requests carry ``Host: 127.0.0.1`` (TestClient's default ``testserver`` is refused)."""
+    return TestClient(app, base_url="http://127.0.0.1")
 
 
 def write_truth_heatmap(layout: Layout, run: str, slide_id: str, truth_dir: Path, seed: int = 0) -> np.ndarray:
@@ -89,7 +95,7 @@ def study(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(study):
-    return TestClient(create_app(Study(study / "out", study / "slides")))
+    return local_client(create_app(Study(study / "out", study / "slides")))
 
 
 # -- the study and its tiles ---------------------------------------------------------------------------
@@ -155,7 +161,7 @@ def test_a_study_made_by_the_real_stages_is_served_with_one_map_per_class(mapped
     assert main(["train", *common, f"train.labels={labels}", "model.name=clam_mb", "train.folds=1",
                  "train.val_fraction=0", "train.epochs=2", "model.hidden_dim=16", "model.attention_dim=8"]) == 0
     assert main(["heatmap", "--slides", str(slides), *common, "heatmap.top_k=1"]) == 0
-    client = TestClient(create_app(Study(out, slides)))
+    client = local_client(create_app(Study(out, slides)))
     rows = {r["slide_id"]: r for r in client.get("/api/study").json()["slides"]}
     assert rows["m1"]["label"] == "b" and rows["m1"]["prediction"] in {"a", "b", "c"}
     assert rows["glass"]["n_patches"] == 0 and not rows["glass"]["has_heatmap"]
@@ -195,7 +201,7 @@ def test_traversal_attempts_get_404_and_read_nothing(study, tmp_path):
     outside.symlink_to(secret / "heatmap.tiff")
     (layout.heatmaps_dir("default") / "evil").symlink_to(secret, target_is_directory=True)
     try:
-        client = TestClient(create_app(Study(out, study / "slides")))
+        client = local_client(create_app(Study(out, study / "slides")))
         s = str(secret)
         attempts = [
             "/api/slides/..%2F..%2F..%2Fetc%2Fpasswd", "/api/slides/%2e%2e", "/api/slides/..",
@@ -226,7 +232,7 @@ def test_off_loopback_every_request_needs_the_token(study):
     token = token_for("0.0.0.0")
     assert token and token != token_for("0.0.0.0") and len(token) >= 24
     assert view_url("0.0.0.0", 8123, token).endswith(f":8123/?token={token}")
-    client = TestClient(create_app(Study(study / "out", study / "slides"), token=token))
+    client = local_client(create_app(Study(study / "out", study / "slides"), token=token))
     for url in ("/", "/api/study", "/tiles/syn_001/slide/0/0_0.jpeg", "/static/study.js", "/slides/syn_001"):
         assert client.get(url).status_code == 403, url
     assert client.get("/api/study?token=wrong").status_code == 403
@@ -258,7 +264,7 @@ def test_the_server_writes_nothing_into_the_study(study, client):
 
 
 def test_pages_forbid_inline_script_and_missing_assets_are_one_line(study, monkeypatch, capsys):
-    client = TestClient(create_app(Study(study / "out")))
+    client = local_client(create_app(Study(study / "out")))
     csp = client.get("/").headers["content-security-policy"]
     assert "default-src 'self'" in csp and "unsafe-inline" not in csp.split("style-src")[0]
     assert client.get("/slides/no-such-slide").status_code == 404
@@ -564,7 +570,7 @@ def test_deep_zoom_tiles_agree_between_backends(study):
 def test_the_study_page_sees_what_stages_record_while_it_runs(study, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(study / "out", out, symlinks=True)
-    client = TestClient(create_app(Study(out, study / "slides")))
+    client = local_client(create_app(Study(out, study / "slides")))
     before = {r["slide_id"] for r in client.get("/api/study").json()["slides"]}
     time.sleep(0.01)
     update_manifest(Layout(out).manifest, [Record("late_slide", "tile", "failed", 0.0, "cannot open slide")])
@@ -580,9 +586,183 @@ def test_a_slide_without_mpp_metadata_shows_with_the_mpp_the_tile_stage_used(tmp
                                                     objective_in_metadata=False))
     out = tmp_path / "out"
     assert main(["tile", "--slides", str(slides), "--out", str(out), "--no-progress", "slides.default_mpp=0.5"]) == 0
-    client = TestClient(create_app(Study(out, slides)))
+    client = local_client(create_app(Study(out, slides)))
     meta = client.get("/api/slides/nompp").json()
     assert meta["mpp"] == pytest.approx(0.5) and meta["width"] == 1536
     (out / "patches" / "nompp.h5").unlink()  # nothing recorded and nothing in the file: no scale bar
-    client = TestClient(create_app(Study(out, slides)))
+    client = local_client(create_app(Study(out, slides)))
     assert client.get("/api/slides/nompp").json()["mpp"] is None
+
+
+# -- issue 17: the viewer under hostile requests and concurrent load ------------------------------------
+
+def test_a_foreign_host_header_is_refused_as_jupyter_does(study):
+    app = create_app(Study(study / "out", study / "slides"), allow_hosts=("lab.example.org",))
+    for host, code in (("evil.example.com", 403), ("evil.example.com:8000", 403), ("127.0.0.1:8000", 200),
+                       ("localhost", 200), ("[::1]:8000", 200), ("lab.example.org:8000", 200),
+                       ("127.0.0.1.evil.com", 403)):
+        client = TestClient(app, base_url=f"http://{host}")
+        for url in ("/api/study", "/download/syn_001/summary", "/"):
+            assert client.get(url).status_code == code, (host, url)
+    anywhere = TestClient(create_app(Study(study / "out", study / "slides"), bind="0.0.0.0"),
+                          base_url="http://10.1.2.3:8000")
+    assert anywhere.get("/api/study").status_code == 200  # an IP literal cannot be rebound by DNS
+    assert TestClient(create_app(Study(study / "out", study / "slides"), bind="0.0.0.0"),
+                      base_url="http://evil.example.com").get("/api/study").status_code == 403
+
+
+@pytest.fixture(scope="module")
+def odd_study(tmp_path_factory) -> Path:
+    """Slides whose ids hold URL metacharacters and non-ASCII text, tiled, with heatmaps."""
+    root = tmp_path_factory.mktemp("odd")
+    slides = root / "slides"
+    slides.mkdir()
+    for i, name in enumerate(("a%b?c#d", "é中文", "plain")):
+        write_slide(slides / f"{name}.svs", SyntheticSpec(width=1536, height=1280, seed=30 + i))
+    out = root / "out"
+    assert main(["tile", "--slides", str(slides), "--out", str(out), "--no-progress"]) == 0
+    for sid in ("a%b?c#d", "é中文", "plain"):
+        write_truth_heatmap(Layout(out), "default", sid, root / "truth")
+    return root
+
+
+def test_download_links_of_ids_with_url_characters_resolve(odd_study):
+    from urllib.parse import quote
+
+    client = local_client(create_app(Study(odd_study / "out", odd_study / "slides")))
+    for sid in ("a%b?c#d", "é中文"):
+        meta = client.get(f"/api/slides/{quote(sid, safe='')}").json()
+        assert meta["slide_id"] == sid and meta["downloads"]
+        for href in meta["downloads"].values():
+            res = client.get(href)
+            assert res.status_code == 200, href
+
+
+def test_every_response_says_nosniff(odd_study):
+    client = local_client(create_app(Study(odd_study / "out", odd_study / "slides")))
+    urls = ["/", "/api/study", "/api/slides/plain", "/api/colormaps", "/tiles/plain/slide/0/0_0.jpeg",
+            "/tiles/plain/contour/0/0_0.png", "/thumbs/plain.jpeg", "/download/plain/summary",
+            "/static/study.js", "/api/slides/nope", "/tiles/plain/slide/99/0_0.jpeg"]
+    for url in urls:
+        res = client.get(url)
+        assert res.headers.get("x-content-type-options") == "nosniff", (url, res.status_code)
+
+
+def test_huge_indices_truncated_scores_bad_manifests_and_deleted_slides_are_not_5xx(odd_study, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(odd_study / "out", out)
+    slides = tmp_path / "slides"
+    shutil.copytree(odd_study / "slides", slides)
+    layout = Layout(out)
+    scores = layout.heatmap_file("default", "plain", "scores.h5")
+    scores.write_bytes(scores.read_bytes()[: scores.stat().st_size // 3])  # truncated outside our tools
+    layout.manifest.write_bytes(b"slide_id,stage,status,seconds,reason\nplain,tile,failed,0,\xff\xfe bad bytes\n")
+    client = local_client(create_app(Study(out, slides)))
+    assert client.get("/tiles/plain/slide/" + "9" * 5000 + "/0_0.jpeg").status_code == 404
+    assert client.get("/patches/plain/" + "1" * 5000 + ".jpeg").status_code == 404
+    assert client.get("/api/study").status_code == 200
+    meta = client.get("/api/slides/plain")
+    assert meta.status_code == 200 and meta.json()["maps"] == []
+    assert client.get("/tiles/plain/overlay/attention/jet/5/0_0.png").status_code == 404
+    assert client.get("/api/slides/plain/patches").status_code == 404
+    assert client.get("/tiles/plain/slide/3/0_0.jpeg").status_code == 200
+    (slides / "plain.svs").unlink()  # deleted while the viewer runs
+    for url in ("/api/slides/plain", "/tiles/plain/slide/3/0_0.jpeg", "/thumbs/plain.jpeg"):
+        assert client.get(url).status_code == 404, url
+
+
+LOAD_SERVER = """
+import sys, uvicorn
+from wsi_mil.viewer.app import create_app
+from wsi_mil.viewer.study import Study
+from wsi_mil.viewer.serve import bind_socket
+sock = bind_socket("127.0.0.1", 0)
+print(sock.getsockname()[1], flush=True)
+app = create_app(Study(sys.argv[1], sys.argv[2]), view_limit=2)
+uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+"""
+
+
+def _load_round(base: str, out: Path, slide_ids: list[str], clients: int = 16, per_client: int = 40) -> dict:
+    """``clients`` threads over every slide (more than the handle cache holds) while one refreshes the study."""
+    import httpx
+
+    counts: dict = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def refresher():
+        with httpx.Client(base_url=base, timeout=30) as c:
+            while not stop.is_set():
+                os.utime(Layout(out).manifest)  # a stage recorded something: the next /api/study reopens slides
+                r = c.get("/api/study")
+                with lock:
+                    counts[r.status_code] = counts.get(r.status_code, 0) + 1
+                time.sleep(0.02)
+
+    def worker(seed: int):
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for _ in range(per_client):
+                sid = slide_ids[int(rng.integers(len(slide_ids)))]
+                level = int(rng.integers(9, 12))
+                url = [f"/tiles/{sid}/slide/{level}/0_0.jpeg", f"/tiles/{sid}/slide/{level}/1_1.jpeg",
+                       f"/api/slides/{sid}", f"/tiles/{sid}/contour/{level}/0_0.png",
+                       f"/tiles/{sid}/overlay/attention/jet/{level}/0_0.png"][int(rng.integers(5))]
+                try:
+                    code = c.get(url).status_code
+                except httpx.TransportError:
+                    code = "connection failed"
+                with lock:
+                    counts[code] = counts.get(code, 0) + 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    side = threading.Thread(target=refresher)
+    side.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    stop.set()
+    side.join(60)
+    return counts
+
+
+def test_many_clients_over_more_slides_than_the_handle_cache_with_refreshes_get_no_5xx(study, tmp_path):
+    """The handle cache holds 2 slides here, so handles are evicted and the study refreshed all the time while
+    other threads read from them. Before handles were reference-counted this aborted the process
+    (OpenSlide's ``tc->outstanding == 0`` assertion) or answered 500 "closed slide"."""
+    out = tmp_path / "out"
+    shutil.copytree(study / "out", out, symlinks=True)
+    ids = sorted(p.stem for p in (study / "slides").glob("syn_*.svs"))
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", LOAD_SERVER, str(out), str(study / "slides")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline())
+            counts = _load_round(f"http://127.0.0.1:{port}", out, ids)
+            alive = proc.poll() is None
+        finally:
+            proc.kill()
+            err = proc.communicate(timeout=30)[1]
+        bad = {k: v for k, v in counts.items() if not isinstance(k, int) or k >= 500}
+        assert alive and not bad, (round_, counts, err[-2000:])
+        assert counts.get(200, 0) > 300, counts
+
+
+def test_view_port_errors_are_one_line(study, tmp_path):
+    def view(*args):
+        return subprocess.run([sys.executable, "-m", "wsi_mil.cli", "view", "--out", str(study / "out"), *args],
+                               capture_output=True, text=True, timeout=120)
+
+    proc = view("--port", "99999")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --port 99999: must be between 0 and 65535"], proc.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = view("--port", str(port))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "already in use" in lines[0], proc.stderr
+    assert "http://" not in proc.stdout  # no URL that belongs to the other server
