@@ -30,9 +30,9 @@ def patch_auroc(out: Path, run: str) -> float:
     """AUROC of attention percentiles against ground-truth tumour, over the patches of tumour slides."""
     import csv
 
-    import h5py
     from sklearn.metrics import roc_auc_score
 
+    from wsi_mil.formats import read_scores
     from wsi_mil.heatmap.scores import tumour_fraction
     from wsi_mil.synthetic import load_truth
 
@@ -43,12 +43,10 @@ def patch_auroc(out: Path, run: str) -> float:
         path = Layout(out).heatmap_dir(run, sid) / "scores.h5"
         if not path.exists():
             continue
-        with h5py.File(path) as fh:
-            coords, pct = fh["coords"][:], fh["attention_percentile"][:]
-            attrs = dict(fh["coords"].attrs)
+        s = read_scores(path)
         mask, mask_mpp = load_truth(out / "truth", sid, "tumour")
-        frac = tumour_fraction(coords, float(attrs["patch_size_level0"]), mask, mask_mpp / float(attrs["slide_mpp"]))
-        scores += pct.tolist()
+        frac = tumour_fraction(s.coords, float(s.spec.patch_size_level0), mask, mask_mpp / s.spec.slide_mpp)
+        scores += s.percentile.tolist()
         truth += (frac >= 0.5).tolist()
     return float(roc_auc_score(truth, scores)) if len(set(truth)) == 2 else float("nan")
 

@@ -15,6 +15,7 @@ from wsi_mil.cli import main
 from wsi_mil.config import EncoderConfig, load_config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features.encoders import PRESETS, build_encoder
+from wsi_mil.formats import PatchSpec
 from wsi_mil.h5io import read_coords
 from wsi_mil.layout import Layout, encoder_id
 from wsi_mil.runner import read_manifest
@@ -79,8 +80,8 @@ def test_grouped_reads_equal_single_reads(tiled, tmp_path):
     from wsi_mil.features.dataset import patch_dataset
 
     coords, attrs = read_coords(root / "out" / "patches" / "ex1.h5")
-    a = patch_dataset(path, coords, attrs, 224, group=1).__getitems__(list(range(len(coords))))
-    b = patch_dataset(path, coords, attrs, 224, group=8).__getitems__(list(range(len(coords))))
+    a = patch_dataset(path, coords, PatchSpec.from_attrs(attrs), 224, group=1).__getitems__(list(range(len(coords))))
+    b = patch_dataset(path, coords, PatchSpec.from_attrs(attrs), 224, group=8).__getitems__(list(range(len(coords))))
     assert len(coords) > 8
     assert torch.equal(a["image"], b["image"])
 

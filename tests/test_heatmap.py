@@ -129,7 +129,7 @@ def test_heatmap_stage_end_to_end_with_refinement(cohort, tmp_path):
 
     view = SlideView(cohort / "slides" / "syn_001.svs", out / "patches" / "syn_001.h5", folder / "scores.h5")
     try:
-        coords, pct = view.map_points("attention")
+        coords, pct = view.scores.points("attention")
         assert len(coords) == len(pct) == refined["n_patches"] + refined["n_refined_patches"]
         with h5py.File(folder / "scores.h5") as fh:
             np.testing.assert_array_equal(coords[refined["n_patches"]:], fh["refined_coords"][:])

@@ -17,6 +17,7 @@ from conftest import CMU, needs_real
 from wsi_mil.cli import main
 from wsi_mil.config import load_config
 from wsi_mil.features.dataset import patch_dataset
+from wsi_mil.formats import PatchSpec
 from wsi_mil.h5io import read_coords
 from wsi_mil.heatmap import export
 from wsi_mil.layout import Layout
@@ -145,7 +146,7 @@ def test_clam_reads_our_exact_footprint_on_the_40x_aperio_case(aperio40x):
         # CLAM's pixels are ours: the region it reads is what our dataset reads (before resizing)
         x, y = coords[len(coords) // 2]
         clam = r.read_region((int(x), int(y)), int(attrs["patch_level"]), (int(attrs["patch_size"]),) * 2)
-    ds = patch_dataset(path, coords, attrs, int(attrs["patch_size"]))
+    ds = patch_dataset(path, coords, PatchSpec.from_attrs(attrs), int(attrs["patch_size"]))
     ours = ds[len(coords) // 2]["image"].numpy()
     np.testing.assert_array_equal(clam, ours)
 

@@ -53,8 +53,8 @@ def test_same_physical_grid_at_two_scan_resolutions(slide_factory):
         a = compute_tiles(r, cfg, "fine")
     with open_slide(coarse) as r:
         b = compute_tiles(r, cfg, "coarse")
-    assert a.attrs["patch_size_level0"] == 512 and b.attrs["patch_size_level0"] == 256
-    assert a.attrs["patch_level"] == 1 and b.attrs["patch_level"] == 0  # read at 0.5 µm/px on both
+    assert a.spec.patch_size_level0 == 512 and b.spec.patch_size_level0 == 256
+    assert a.spec.patch_level == 1 and b.spec.patch_level == 0  # read at 0.5 µm/px on both
     um_a = {tuple(v) for v in (a.grid.coords * 0.25).tolist()}
     um_b = {tuple(v) for v in (b.grid.coords * 0.5).tolist()}
     assert len(um_a) > 20
@@ -90,7 +90,7 @@ def test_real_slide_patches_lie_on_the_section_and_backends_agree(tmp_path):
         with open_slide(CMU, cfg.slides) as r:
             res = compute_tiles(r, cfg, "cmu")
             coords[backend] = res.grid.coords
-            size = res.attrs["patch_size_level0"]
+            size = res.spec.patch_size_level0
             means = [r.read_region(tuple(c), 0, (size, size)).mean() for c in res.grid.coords[::5]]
     np.testing.assert_array_equal(coords["openslide"], coords["tiffslide"])
     assert len(coords["openslide"]) > 20

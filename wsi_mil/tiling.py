@@ -85,14 +85,14 @@ def patch_read_geometry(reader, target_mpp: float, size0: float) -> tuple[int, i
 
 
 def reader_attrs(reader, level: int, size_at_level: int, grid: Grid, cfg: TilingConfig, name: str) -> dict:
-    """``coords`` attributes that CLAM and TRIDENT read unchanged (see the module docstring)."""
+    """The :class:`~wsi_mil.formats.PatchSpec` fields CLAM and TRIDENT read unchanged (module docstring)."""
     ds = float(reader.level_downsamples[level])
     level0_mag = 10.0 / reader.mpp
     return {
         "patch_size": int(size_at_level),  # edge at patch_level: CLAM's meaning, and TRIDENT's with the mags below
         "patch_level": int(level),
-        "downsample": np.array([ds, ds], np.float64),
-        "level_dim": np.array(reader.level_dimensions[level], np.int64),
+        "downsample": ds,
+        "level_dim": tuple(int(v) for v in reader.level_dimensions[level]),
         "name": name,
         "level0_magnification": float(level0_mag),
         "target_magnification": float(level0_mag / ds),  # the magnification patch_size is measured at

@@ -59,7 +59,6 @@ def run_pipeline(slides: list[SlideRef], layout: Layout, cfg: Config, model: Pat
                 print(note)
     result = predict(layout, cfg, model=model)
     outcomes.append(StageOutcome("predict", result.ok, result.summary()))
-    cfg = cfg.model_copy(update={"heatmap": cfg.heatmap.model_copy(update={"run": str(Path(model).resolve())})})
-    result = run_stage(heatmap.STAGE, slides, cfg, layout, progress)
+    result = run_stage(heatmap.heatmap_stage(Path(model).resolve()), slides, cfg, layout, progress)
     outcomes.append(StageOutcome("heatmap", result.ok, result.summary()))
     return outcomes

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..formats import PatchSpec
 from ..slide.reader import SlideReader
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,8 @@ def collate_batch(batch):
     return batch
 
 
-def patch_dataset(slide_path, coords: np.ndarray, attrs: dict, input_size: int, group: int = 1) -> PatchDataset:
-    """Patches exactly as tiling laid them out (``coords`` attrs of a patch file): its level and read size,
+def patch_dataset(slide_path, coords: np.ndarray, spec: PatchSpec, input_size: int, group: int = 1) -> PatchDataset:
+    """Patches exactly as tiling laid them out (a patch file's :class:`PatchSpec`): its level and read size,
     resized to the encoder's input."""
-    return PatchDataset(slide_path, attrs.get("backend", "auto"), coords, int(attrs["patch_level"]),
-                        int(attrs["patch_size_level"]), int(attrs["patch_size_level0"]), input_size, group)
+    return PatchDataset(slide_path, spec.backend or "auto", coords, spec.patch_level, spec.patch_size_level,
+                        spec.patch_size_level0, input_size, group)

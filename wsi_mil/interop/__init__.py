@@ -23,7 +23,7 @@ import numpy as np
 
 from ..atomic import atomic_path, clean_stale_temps_of, write_text
 from ..errors import WsiMilError
-from ..h5io import read_coords
+from ..formats import PatchSpec, read_patch_spec
 from ..layout import Layout, check_name, encoder_id, slide_files
 
 MARKER = ".wsi_mil-export.json"
@@ -49,10 +49,9 @@ class Study:
 
         return make_label_map([r["label"] for r in self.labels.values()]) if self.labels else {}
 
-    def target(self, slide_id: str) -> dict:
+    def target(self, slide_id: str) -> PatchSpec:
         """Our own target description of a slide's patches (from its patch file)."""
-        _, attrs = read_coords(self.layout.patches(slide_id))
-        return attrs
+        return read_patch_spec(self.layout.patches(slide_id))
 
 
 def load_study(out: Path, encoder_name: str, labels_csv: Path | None, fold_case: bool = False) -> Study:

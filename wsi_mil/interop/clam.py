@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import torch
 
 from ..atomic import atomic_path, write_csv
+from ..formats import read_bag
 from . import Study, link, register_format
 
 
@@ -20,8 +20,7 @@ def export(study: Study, to: Path) -> str:
         feats_h5 = study.layout.features(study.encoder_id, sid)
         link(feats_h5, to / "h5_files" / f"{sid}.h5")
         link(study.layout.patches(sid), to / "patches" / f"{sid}.h5")
-        with h5py.File(feats_h5, "r") as fh:
-            bag = torch.from_numpy(fh["features"][:]).float()
+        bag = torch.from_numpy(read_bag(feats_h5)).float()
         with atomic_path(to / "pt_files" / f"{sid}.pt") as tmp:
             torch.save(bag, tmp)
     rows = [{"case_id": study.labels[s].get("patient_id") or s, "slide_id": s, "label": study.labels[s]["label"]}

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..atomic import write_text
+from ..formats import read_bag, read_grid_index
 from . import Study, register_format, save_npy
 
 PATCH_SIZE = 512  # torchmil's default; any positive integer works, since coords are cells * PATCH_SIZE
@@ -23,10 +23,8 @@ def export(study: Study, to: Path) -> str:
     ids = study.slide_ids()
     label_map = study.label_map()
     for sid in ids:
-        with h5py.File(study.layout.features(study.encoder_id, sid), "r") as fh:
-            feats = fh["features"][:].astype(np.float32)
-        with h5py.File(study.layout.patches(sid), "r") as fh:
-            cells = fh["grid_index"][:].astype(np.int64).reshape(-1, 2)
+        feats = read_bag(study.layout.features(study.encoder_id, sid)).astype(np.float32)
+        cells = read_grid_index(study.layout.patches(sid))
         save_npy(to / "features" / f"{sid}.npy", feats)
         save_npy(to / "coords" / f"{sid}.npy", cells * PATCH_SIZE)
         if sid in study.labels:

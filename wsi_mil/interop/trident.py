@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..formats import PatchSpec
 from . import Study, link, register_format
 
 
@@ -14,10 +15,10 @@ def _mag(m: float) -> str:
     return str(int(round(m))) if abs(m - round(m)) < 1e-6 else f"{m:g}"
 
 
-def folder_name(attrs: dict) -> str:
-    ps = int(attrs["patch_size_target"])
-    overlap = int(round(ps * float(attrs.get("overlap_fraction", 0.0))))
-    return f"{_mag(10.0 / float(attrs['target_mpp']))}x_{ps}px_{overlap}px_overlap"
+def folder_name(spec: PatchSpec) -> str:
+    ps = spec.patch_size_target or spec.patch_size
+    overlap = int(round(ps * spec.overlap_fraction))
+    return f"{_mag(10.0 / spec.target_mpp)}x_{ps}px_{overlap}px_overlap"
 
 
 @register_format("trident")

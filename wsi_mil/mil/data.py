@@ -15,11 +15,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 
 from ..errors import WsiMilError
+from ..formats import bag_size, read_bag, read_feature_spec
 from ..layout import slide_files
 from ..runner.memory import large_blocks_from_mmap
 from ..userfiles import read_csv_rows
@@ -104,25 +103,15 @@ def make_label_map(values: list[str]) -> dict[str, int]:
 
 
 def feature_info(path: Path) -> tuple[int, str]:
-    with h5py.File(path, "r") as fh:
-        ds = fh["features"]
-        return int(ds.shape[1]), str(ds.attrs.get("encoder_id", path.parent.name))
+    """(feature dim, encoder id) of a features file."""
+    spec = read_feature_spec(path)
+    return spec.feature_dim, spec.encoder_id
 
 
 def load_features(path: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A bag's (N, D) features; NaN or inf anywhere is an error naming the file (never a prediction)."""
-    with h5py.File(path, "r") as fh:
-        t = torch.from_numpy(np.ascontiguousarray(fh["features"][:]))
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).any(1).sum())
-        raise WsiMilError(f"{Path(path).name}: {bad} of {len(t)} patches have NaN or inf features; "
-                          f"extract this slide again (wsi-mil extract --overwrite)")
+    t = torch.from_numpy(read_bag(path))
     return t if dtype is None else t.to(dtype)
-
-
-def _n_instances(path: Path) -> int:
-    with h5py.File(path, "r") as fh:
-        return int(fh["features"].shape[0])
 
 
 class BagCache:
@@ -221,7 +210,7 @@ def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str =
         if label not in label_map:
             raise WsiMilError(f"slide {r['slide_id']}: label '{label}' is not one of {sorted(label_map)}")
         path = files[r["slide_id"]]
-        n = _n_instances(path)
+        n = bag_size(path)
         if n == 0:
             empty.append(r["slide_id"])
             continue

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from .. import __version__
 from ..config import Config
 from ..errors import WsiMilError
 from ..features.dataset import patch_dataset
 from ..features.engine import Prepared, extract_patches, prepared_encoder
-from ..h5io import check_features_file, read_coords, write_h5
+from ..formats import FeatureSpec, PatchSpec, read_patch_file, write_features
+from ..h5io import check_features_file
 from ..layout import Layout, encoder_id
 from ..slide import SlideRef
 from .base import SlideStage
@@ -20,37 +19,30 @@ from .base import SlideStage
 log = logging.getLogger(__name__)
 
 
-def feature_attrs(prep: Prepared, cfg: Config, attrs: dict, n_bad: int) -> dict:
+def feature_spec(prep: Prepared, cfg: Config, patches: PatchSpec, n_bad: int) -> FeatureSpec:
     enc = prep.encoder
-    return {
-        "encoder": enc.name, "encoder_id": enc.encoder_id, "weights_source": enc.weights_source,
-        "weights_sha256": enc.weights_sha256 or "none", "feature_dim": enc.dim, "precision": prep.precision,
-        "dtype": cfg.extract.feature_dtype, "input_size": enc.input_size, "device": prep.device.type,
-        "target_mpp": attrs["target_mpp"], "patch_size": attrs["patch_size"],
-        "patch_size_target": attrs.get("patch_size_target", attrs["patch_size"]),
-        "patch_size_level0": attrs["patch_size_level0"], "n_failed_patches": int(n_bad),
-        "wsi_mil_version": __version__,
-    }
+    return FeatureSpec(
+        encoder_id=enc.encoder_id, feature_dim=int(enc.dim), encoder=enc.name, weights_source=enc.weights_source,
+        weights_sha256=enc.weights_sha256 or "none", precision=prep.precision, dtype=cfg.extract.feature_dtype,
+        input_size=int(enc.input_size), device=prep.device.type, target_mpp=patches.target_mpp,
+        patch_size=patches.patch_size, patch_size_target=patches.patch_size_target or patches.patch_size,
+        patch_size_level0=patches.patch_size_level0, n_failed_patches=int(n_bad), wsi_mil_version=__version__,
+    )
 
 
 def extract_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
     src = layout.patches(slide.slide_id)
     if not src.is_file():
         raise WsiMilError(f"{slide.slide_id}: no {src.relative_to(layout.root)}; run 'wsi-mil tile' first")
-    coords, attrs = read_coords(src)
+    coords, spec = read_patch_file(src)
     prep = prepared_encoder(cfg.encoder, cfg.extract)
-    ds = patch_dataset(slide.path, coords, attrs, prep.encoder.input_size, cfg.extract.read_group)
+    ds = patch_dataset(slide.path, coords, spec, prep.encoder.input_size, cfg.extract.read_group)
     feats, bad = extract_patches(prep, ds, cfg.extract)
-    fattrs = feature_attrs(prep, cfg, attrs, len(bad))
     if len(bad):
         log.warning("%s: %d patch(es) could not be decoded; blank patches stand in", slide.slide_id, len(bad))
-        fattrs["failed_patch_indices"] = bad.astype(np.int64)
-    write_h5(
-        layout.features(prep.encoder.encoder_id, slide.slide_id),
-        {"features": feats.astype(cfg.extract.feature_dtype), "coords": coords},
-        {"features": fattrs, "coords": attrs, "/": {"slide_id": slide.slide_id, "stage": "extract", **fattrs}},
-        chunk_rows=1024,
-    )
+    write_features(layout.features(prep.encoder.encoder_id, slide.slide_id), slide.slide_id,
+                   feats.astype(cfg.extract.feature_dtype), coords, feature_spec(prep, cfg, spec, len(bad)), spec,
+                   bad)
     note = f"{len(coords)} patches" if len(coords) else "0 patches: empty bag written"
     return note + (f"; {len(bad)} undecodable tile(s) replaced by blank patches" if len(bad) else "")
 

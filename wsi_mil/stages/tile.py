@@ -16,7 +16,8 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text
 from ..config import Config, config_to_dict
-from ..h5io import check_patch_file, write_h5
+from ..formats import PatchSpec, TissueMask, write_patch_file
+from ..h5io import check_patch_file
 from ..layout import Layout
 from ..qc import contour_qc, fit_qc, grid_qc, write_png
 from ..runner.memory import reuse_large_blocks
@@ -34,7 +35,7 @@ class TileResult:
     mask_scale: float  # level-0 px per mask px
     tissue_source: str  # "auto" or the user GeoJSON
     grid: Grid
-    attrs: dict
+    spec: PatchSpec
 
 
 def segment(reader, cfg: Config, slide_id: str) -> tuple[np.ndarray, np.ndarray, float, str]:
@@ -63,27 +64,27 @@ def grid_tiles(reader, cfg: Config, slide_id: str, thumb: np.ndarray, mask: np.n
     w0, h0 = reader.dimensions
     grid = make_grid(w0, h0, reader.mpp, mask, scale, cfg.tiling)
     level, size_at_level = patch_read_geometry(reader, cfg.tiling.target_mpp, grid.patch_size_level0)
-    attrs = {
+    spec = PatchSpec(
         **reader_attrs(reader, level, size_at_level, grid, cfg.tiling, slide_id),
         # our physical description
-        "patch_size_target": int(cfg.tiling.patch_size),
-        "patch_size_level": size_at_level,
-        "step_level0": float(grid.step_level0),
-        "target_mpp": float(cfg.tiling.target_mpp),
-        "slide_mpp": float(reader.mpp),
-        "mpp_source": reader.mpp_source,
-        "overlap_fraction": float(cfg.tiling.overlap),
-        "min_tissue_fraction": float(cfg.tiling.min_tissue_fraction),
-        "grid_cols": grid.shape[0],
-        "grid_rows": grid.shape[1],
-        "backend": reader.backend,
-        "tissue_source": source,
-        "tissue_mpp": float(scale * reader.mpp),
-        "tissue_params": config_to_dict(cfg.tissue),
-        "slide_path": str(reader.path),
-        "wsi_mil_version": __version__,
-    }
-    return TileResult(slide_id, thumb, mask, scale, source, grid, attrs)
+        patch_size_target=int(cfg.tiling.patch_size),
+        patch_size_level=int(size_at_level),
+        step_level0=float(grid.step_level0),
+        target_mpp=float(cfg.tiling.target_mpp),
+        slide_mpp=float(reader.mpp),
+        mpp_source=str(reader.mpp_source),
+        overlap_fraction=float(cfg.tiling.overlap),
+        min_tissue_fraction=float(cfg.tiling.min_tissue_fraction),
+        grid_cols=int(grid.shape[0]),
+        grid_rows=int(grid.shape[1]),
+        backend=str(reader.backend),
+        tissue_source=source,
+        tissue_mpp=float(scale * reader.mpp),
+        tissue_params=config_to_dict(cfg.tissue),
+        slide_path=str(reader.path),
+        wsi_mil_version=__version__,
+    )
+    return TileResult(slide_id, thumb, mask, scale, source, grid, spec)
 
 
 QC_MAX_SIDE = 2048  # mask.png is for a person to look at; the full mask is in the h5
@@ -122,15 +123,8 @@ def _grid_output(pool, layout: Layout, result: TileResult, fitted):
 
 def _patch_file(result: TileResult, layout: Layout) -> None:
     g = result.grid
-    write_h5(
-        layout.patches(result.slide_id),
-        {"coords": g.coords, "grid_index": g.cells, "tissue_fraction": g.tissue_fraction,
-         "tissue_mask": result.mask.astype(np.uint8)},
-        {"coords": result.attrs, "tissue_mask": {"mpp": result.attrs["tissue_mpp"],
-                                                 "level0_per_px": float(result.mask_scale)},
-         "/": {"slide_id": result.slide_id, "stage": "tile"}},
-        compress=("tissue_mask",),
-    )
+    write_patch_file(layout.patches(result.slide_id), result.slide_id, g.coords, g.cells, g.tissue_fraction,
+                     result.spec, TissueMask(result.mask, result.spec.tissue_mpp, float(result.mask_scale)))
 
 
 def tile_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str | None:

@@ -263,13 +263,15 @@ def _image(data: bytes | None, media: str) -> Response:
 def _slide_meta(study: Study, view: SlideView, slide_id: str) -> dict:
     entry = study.slides[slide_id]
     s = view.scores
-    maps = list(s.get("maps", {}))
+    maps = list(view.maps)
+    mapped = s.mapped_class if s is not None else None
     summary = study.heatmap_summary(slide_id) or {}
     return {
         **entry.to_json(), "run": study.run, "width": view.width, "height": view.height, "mpp": view.mpp,
         "tile_size": TILE, "levels": view.dz.level_count, "maps": maps,
-        "default_map": s.get("mapped_class") if s.get("mapped_class") in maps else (maps[0] if maps else None),
-        "classes": s.get("classes", []), "top_k": int((summary.get("heatmap") or {}).get("top_k", 8) or 8),
+        "default_map": mapped if mapped in maps else (maps[0] if maps else None),
+        "classes": s.classes if s is not None else [],
+        "top_k": int((summary.get("heatmap") or {}).get("top_k", 8) or 8),
         "has_tissue": view.tissue_mask is not None,
         "downloads": {k: f"/download/{quote(slide_id, safe='')}/{k}" for k, name in DOWNLOADS.items()
                       if study.heatmap_file(slide_id, name) is not None},
@@ -311,13 +313,13 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
 
     def api_patches(request: Request) -> Response:
         with views.use(request.path_params["slide_id"]) as view:
-            if view is None or not view.scores:
+            if view is None or view.scores is None:
                 return _json({"error": "no heatmap for this slide"}, 404)
             s = view.scores
             return _json({
-                "size": s["size0"], "x": s["coords"][:, 0].tolist(), "y": s["coords"][:, 1].tolist(),
-                "percentile": {k: np.round(v, 2).tolist() for k, v in s["maps"].items()},
-                "logit": {k: np.round(v, 4).tolist() for k, v in s["logits"].items()},
+                "size": float(s.spec.patch_size_level0), "x": s.coords[:, 0].tolist(), "y": s.coords[:, 1].tolist(),
+                "percentile": {k: np.round(v[0], 2).tolist() for k, v in view.maps.items()},
+                "logit": {k: np.round(v[1], 4).tolist() for k, v in view.maps.items()},
             })
 
     def api_colormaps(request: Request) -> Response:
@@ -346,12 +348,12 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
     def patch(request: Request) -> Response:
         slide_id, i = request.path_params["slide_id"], request.path_params["index"]
         with views.use(slide_id) as view:
-            if view is None or not view.scores or not 0 <= i < len(view.scores["coords"]):
+            if view is None or view.scores is None or not 0 <= i < len(view.scores.coords):
                 return _text("not found", 404)
             s = view.scores
-            x, y = (int(v) for v in s["coords"][i])
+            x, y = (int(v) for v in s.coords[i])
             return _image(cache.get((slide_id, "p", i), lambda: view.patch_image(
-                x, y, s["patch_level"], s["patch_size_level"])), "image/jpeg")
+                x, y, s.spec.patch_level, s.spec.patch_size_level)), "image/jpeg")
 
     def download(request: Request) -> Response:
         slide_id, kind = request.path_params["slide_id"], request.path_params["kind"]
@@ -373,7 +375,7 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         Route("/tiles/{slide_id}/slide/{level:idx}/{col:idx}_{row:idx}.jpeg", tiles("slide", "image/jpeg")),
         Route("/tiles/{slide_id}/overlay/{map}/{cmap}/{level:idx}/{col:idx}_{row:idx}.png",
               tiles("overlay", "image/png", ("map", "cmap"),
-                    lambda view, p: p["cmap"] in CMAPS and p["map"] in view.scores.get("maps", {}))),
+                    lambda view, p: p["cmap"] in CMAPS and p["map"] in view.maps)),
         Route("/tiles/{slide_id}/contour/{level:idx}/{col:idx}_{row:idx}.png", tiles("contour", "image/png")),
         Route("/thumbs/{slide_id}.jpeg", thumb),
         Route("/patches/{slide_id}/{index:idx}.jpeg", patch),

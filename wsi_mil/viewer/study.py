@@ -11,9 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import h5py
-
 from ..errors import WsiMilError
+from ..formats import read_patch_file
 from ..layout import Layout, check_name, is_data_name, slide_files
 from ..runner.manifest import read_manifest
 from ..slide.discover import discover_slides
@@ -149,10 +148,9 @@ class Study:
         patches = self.patches_file(e.slide_id)
         if patches is not None:
             try:
-                with h5py.File(patches, "r") as fh:
-                    e.n_patches = int(fh["coords"].shape[0])
-                    recorded = fh["coords"].attrs.get("slide_path")
-            except (OSError, KeyError):
+                coords, spec = read_patch_file(patches)
+                e.n_patches, recorded = len(coords), spec.slide_path
+            except (OSError, KeyError, ValueError, TypeError):
                 recorded = None
             if e.path is None and recorded:
                 e.path = Path(str(recorded)) if Path(str(recorded)).is_file() else None

@@ -10,16 +10,15 @@ tissue lies. The colormap is a per-request lookup table.
 from __future__ import annotations
 
 import io
-import json
 import threading
 from functools import cached_property
 from pathlib import Path
 
 import cv2
-import h5py
 import numpy as np
 
 from ..errors import WsiMilError
+from ..formats import PatchSpec, Scores, read_patch_spec, read_scores, read_tissue_mask
 from ..heatmap.raster import clip_to_tissue, score_raster
 from ..slide.deepzoom import deepzoom
 from ..slide.mpp import resolve_mpp
@@ -72,9 +71,8 @@ class SlideView:
     def _mpp(self, slide_path: Path) -> float | None:
         """The µm/px the tile stage used (it may have come from an override or a default), else the
         file's own; None hides the scale bar."""
-        recorded = self.patch_attrs.get("slide_mpp")
-        if recorded:
-            return float(recorded)
+        if self.patch_spec is not None and self.patch_spec.slide_mpp:
+            return float(self.patch_spec.slide_mpp)
         try:
             return float(resolve_mpp(self.reader, slide_path.stem, {}, None)[0])
         except WsiMilError:
@@ -120,75 +118,50 @@ class SlideView:
 
     # -- scores -----------------------------------------------------------------------------------
     @cached_property
-    def patch_attrs(self) -> dict:
+    def patch_spec(self) -> PatchSpec | None:
         if self._patches is None:
-            return {}
+            return None
         try:
-            with h5py.File(self._patches, "r") as fh:
-                return dict(fh["coords"].attrs)
+            return read_patch_spec(self._patches)
         except UNREADABLE:
-            return {}
+            return None
 
     @cached_property
     def tissue_mask(self) -> np.ndarray | None:
         if self._patches is None:
             return None
         try:
-            with h5py.File(self._patches, "r") as fh:
-                return fh["tissue_mask"][:] > 0 if "tissue_mask" in fh else None
+            found = read_tissue_mask(self._patches)
+        except UNREADABLE:
+            return None
+        return None if found is None else found.mask
+
+    @cached_property
+    def scores(self) -> Scores | None:
+        """The slide's scores file, or None when there is none or it cannot be read whole (a truncated file
+        shows the slide without a heatmap)."""
+        if self._scores is None:
+            return None
+        try:
+            return read_scores(self._scores)
         except UNREADABLE:
             return None
 
     @cached_property
-    def scores(self) -> dict:
-        """coords, patch size, class names and one percentile (and logit) array per map; {} when there is
-        no scores file or it cannot be read whole (a truncated file shows the slide without a heatmap)."""
-        if self._scores is None:
-            return {}
-        try:
-            return self._read_scores(self._scores)
-        except UNREADABLE:
-            return {}
-
-    @staticmethod
-    def _read_scores(path: Path) -> dict:
-        with h5py.File(path, "r") as fh:
-            classes = json.loads(fh.attrs.get("classes", "[]"))
-            out = {"coords": fh["coords"][:].astype(np.int64), "size0": float(fh["coords"].attrs["patch_size_level0"]),
-                   "patch_level": int(fh["coords"].attrs["patch_level"]),
-                   "patch_size_level": int(fh["coords"].attrs["patch_size_level"]),
-                   "mapped_class": str(fh.attrs.get("mapped_class", "")), "classes": classes, "maps": {}, "logits": {}}
-            if "class_attention_percentile" in fh:  # per-class heads: one map per class
-                for c, pct, logit in zip(classes, fh["class_attention_percentile"][:],
-                                         fh["class_attention_logits"][:]):
-                    out["maps"][c], out["logits"][c] = pct.astype(np.float32), logit.astype(np.float32)
-            else:
-                out["maps"]["attention"] = fh["attention_percentile"][:].astype(np.float32)
-                out["logits"]["attention"] = fh["attention_logits"][:].astype(np.float32)
-            if "refined_coords" in fh:  # heatmap.refine: the denser grid's scores of the mapped class
-                out["refined"] = (fh["refined_coords"][:].astype(np.int64).reshape(-1, 2),
-                                  fh["refined_attention_percentile"][:].astype(np.float32))
-        return out
-
-    def map_points(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Coords and percentiles painted for map ``name``: the refined patches join the mapped class's
-        map (or the single attention map), as in the heatmap stage's exports."""
-        s = self.scores
-        coords, pct = s["coords"], s["maps"][name]
-        if "refined" in s and name in ("attention", s.get("mapped_class")):
-            coords, pct = np.concatenate([coords, s["refined"][0]]), np.concatenate([pct, s["refined"][1]])
-        return coords, pct
+    def maps(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Map name -> (percentile, logits); empty without scores."""
+        return {} if self.scores is None else self.scores.maps()
 
     def raster(self, name: str) -> tuple[np.ndarray, float] | None:
         """(percentile/100 raster, level-0 px per raster px) of map ``name``, built once."""
         with self._lock:
             if name not in self._rasters:
-                s = self.scores
-                if name not in s.get("maps", {}):
+                if name not in self.maps:
                     return None
-                ds = max(s["size0"] / 4, max(self.width, self.height) / MAX_RASTER_SIDE, 1.0)
-                coords, pct = self.map_points(name)
-                r = score_raster(coords, pct / 100.0, s["size0"], self.width, self.height, ds)
+                size0 = float(self.scores.spec.patch_size_level0)
+                ds = max(size0 / 4, max(self.width, self.height) / MAX_RASTER_SIDE, 1.0)
+                coords, pct = self.scores.points(name)
+                r = score_raster(coords, pct / 100.0, size0, self.width, self.height, ds)
                 self._rasters[name] = (clip_to_tissue(r, self.tissue_mask).astype(np.float16), ds)  # 256 levels
             return self._rasters[name]
 
