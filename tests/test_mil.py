@@ -12,7 +12,7 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.mil.checkpoint import check_compatible, load_checkpoint
 from wsi_mil.mil.data import load_bagset
 from wsi_mil.mil.digits import digits_bags, evaluate
-from wsi_mil.mil.models import MODELS, create_model
+from wsi_mil.mil.models import MODELS, build_model, create_model, head_options
 from wsi_mil.mil.splits import kfold_splits
 from wsi_mil.mil.train import fit, predict_bags
 from wsi_mil.runner import read_manifest
@@ -23,7 +23,8 @@ def test_every_model_follows_the_contract(name):
     """Every registered head: output shapes, padding invariance, a bag alone equals it padded, the same seed
     gives the same model, and the loss backpropagates into its parameters."""
     torch.manual_seed(0)
-    model = create_model(name, in_dim=16, n_classes=3, hidden_dim=8, attention_dim=4, dropout=0.0).eval()
+    small = {"name": name, "hidden_dim": 8, "attention_dim": 4, "dropout": 0.0}  # each head takes what it declares
+    model = build_model(small, 16, 3).eval()
     x = torch.randn(2, 7, 16)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 4:] = False
@@ -42,7 +43,7 @@ def test_every_model_follows_the_contract(name):
     torch.testing.assert_close(out.logits[1:], alone.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores[1, ..., :4], alone.instance_scores[0], atol=1e-5, rtol=1e-5)
     torch.manual_seed(0)
-    twin = create_model(name, in_dim=16, n_classes=3, hidden_dim=8, attention_dim=4, dropout=0.0).eval()
+    twin = build_model(small, 16, 3).eval()
     torch.testing.assert_close(twin(x, mask).logits, out.logits)
     model.train()
     losses = model.compute_loss(model(x, mask), torch.tensor([0, 2]))
@@ -51,6 +52,32 @@ def test_every_model_follows_the_contract(name):
     grads = [p.grad for p in model.parameters() if p.grad is not None]  # a class absent from y may get none
     assert len(grads) >= len(list(model.parameters())) // 2 and all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_head_declares_typed_options_that_refuse_unknown_keys_and_bad_values(name):
+    from wsi_mil.errors import ConfigError
+
+    options = MODELS[name].options
+    assert head_options(name, {}) == options()  # every option has a default
+    fields = options.model_fields
+    assert {"hidden_dim", "dropout"} <= set(fields)
+    with pytest.raises(ConfigError, match=f"model '{name}' takes no option 'no_such_option'"):
+        create_model(name, 6, 2, no_such_option=1)
+    for key, bad in (("dropout", 1.5), ("hidden_dim", 0), ("attention_dim", -1)):
+        if key in fields:
+            with pytest.raises(ConfigError, match=f"option '{key}'"):
+                create_model(name, 6, 2, **{key: bad})
+    # the config's shared keys reach a head only if it declares them: no head has to accept all three
+    cfg = {"name": name, "hidden_dim": 16, "attention_dim": 8, "dropout": 0.0, "kwargs": {}}
+    assert sum(p.numel() for p in build_model(cfg, 6, 2).parameters()) > 0
+
+
+def test_a_bad_head_option_on_the_command_line_is_one_line(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path), "train.labels=nowhere.csv", "model.name=clam_sb",
+                 "model.kwargs.instance_loss=hinge"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "option 'instance_loss'" in err[0] and err[0].startswith("error: ")
 
 
 def test_models_are_built_from_names_and_kwargs_and_refuse_unknown_options():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import register
 from .base import GatedAttention, MILModel, MILOutput, embed, masked_softmax, neg_inf_outside
+from .registry import AttentionOptions, register
 
 
 class ABMIL(MILModel):
@@ -31,11 +31,11 @@ class ABMIL(MILModel):
         return MILOutput(self.classifier(z), att)
 
 
-@register("abmil")
-def abmil(in_dim: int, n_classes: int, hidden_dim: int = 256, attention_dim: int = 128, dropout: float = 0.25):
-    return ABMIL(in_dim, n_classes, hidden_dim, attention_dim, dropout, gated=False)
+@register("abmil", AttentionOptions)
+def abmil(in_dim: int, n_classes: int, o: AttentionOptions) -> ABMIL:
+    return ABMIL(in_dim, n_classes, o.hidden_dim, o.attention_dim, o.dropout, gated=False)
 
 
-@register("abmil_gated")
-def abmil_gated(in_dim: int, n_classes: int, hidden_dim: int = 256, attention_dim: int = 128, dropout: float = 0.25):
-    return ABMIL(in_dim, n_classes, hidden_dim, attention_dim, dropout, gated=True)
+@register("abmil_gated", AttentionOptions)
+def abmil_gated(in_dim: int, n_classes: int, o: AttentionOptions) -> ABMIL:
+    return ABMIL(in_dim, n_classes, o.hidden_dim, o.attention_dim, o.dropout, gated=True)

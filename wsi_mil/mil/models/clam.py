@@ -19,12 +19,15 @@ Instance scores: the attention logits a_k (SB: [B, N]; MB: [B, C, N], one map pe
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from . import register
 from .base import GatedAttention, MILModel, MILOutput, embed, masked_softmax, neg_inf_outside
+from .registry import AttentionOptions, register
 
 
 def smooth_top1_svm(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:
@@ -99,13 +102,19 @@ class CLAM(MILModel):
         return {"bag": bag, "instance": inst, "loss": self.bag_weight * bag + (1 - self.bag_weight) * inst}
 
 
+class CLAMOptions(AttentionOptions):
+    k_sample: int = Field(8, ge=1)  # instances sampled per side for the clustering loss
+    bag_weight: float = Field(0.7, ge=0, le=1)  # loss = w * bag + (1 - w) * instance
+    instance_loss: Literal["ce", "svm"] = "ce"  # svm: the smooth top-1 SVM loss of the reference code
+    subtyping: bool = False
+
+
 def _clam(multi_branch: bool):
-    def build(in_dim: int, n_classes: int, hidden_dim: int = 256, attention_dim: int = 128, dropout: float = 0.25,
-              k_sample: int = 8, bag_weight: float = 0.7, instance_loss: str = "ce", subtyping: bool = False):
-        return CLAM(in_dim, n_classes, hidden_dim, attention_dim, dropout, multi_branch, k_sample, bag_weight,
-                    instance_loss, subtyping)
+    def build(in_dim: int, n_classes: int, o: CLAMOptions) -> CLAM:
+        return CLAM(in_dim, n_classes, o.hidden_dim, o.attention_dim, o.dropout, multi_branch, o.k_sample,
+                    o.bag_weight, o.instance_loss, o.subtyping)
     return build
 
 
-register("clam_sb")(_clam(False))
-register("clam_mb")(_clam(True))
+register("clam_sb", CLAMOptions)(_clam(False))
+register("clam_mb", CLAMOptions)(_clam(True))

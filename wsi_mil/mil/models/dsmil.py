@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from . import register
 from .base import MILModel, MILOutput, embed, masked_softmax, neg_inf_outside
+from .registry import AttentionOptions, register
 
 
 class DSMIL(MILModel):
@@ -57,4 +58,10 @@ class DSMIL(MILModel):
         return {"bag": bag, "max_instance": inst, "loss": (1 - w) * bag + w * inst}
 
 
-register("dsmil")(DSMIL)
+class DSMILOptions(AttentionOptions):
+    instance_weight: float = Field(0.5, ge=0, le=1)  # loss = (1 - w) * bag + w * max-instance
+
+
+@register("dsmil", DSMILOptions)
+def dsmil(in_dim: int, n_classes: int, o: DSMILOptions) -> DSMIL:
+    return DSMIL(in_dim, n_classes, o.hidden_dim, o.attention_dim, o.dropout, o.instance_weight)

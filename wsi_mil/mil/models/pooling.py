@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from . import register
 from .base import MILModel, MILOutput, embed, neg_inf_outside
+from .registry import EmbedOptions, register
 
 
 class MeanPool(MILModel):
@@ -37,5 +37,11 @@ class MaxPool(MeanPool):
         return MILOutput(self.classifier(z), scores)
 
 
-register("meanpool")(MeanPool)
-register("maxpool")(MaxPool)
+@register("meanpool", EmbedOptions)
+def meanpool(in_dim: int, n_classes: int, o: EmbedOptions) -> MeanPool:
+    return MeanPool(in_dim, n_classes, o.hidden_dim, dropout=o.dropout)
+
+
+@register("maxpool", EmbedOptions)
+def maxpool(in_dim: int, n_classes: int, o: EmbedOptions) -> MaxPool:
+    return MaxPool(in_dim, n_classes, o.hidden_dim, dropout=o.dropout)

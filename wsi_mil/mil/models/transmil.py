@@ -29,11 +29,12 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from . import register
 from .base import MILModel, MILOutput
+from .registry import EmbedOptions, register
 
 
 def _pinv(x: torch.Tensor, iters: int = 6) -> torch.Tensor:
@@ -159,4 +160,19 @@ class TransMIL(MILModel):
         return MILOutput(torch.stack(logits), scores)
 
 
-register("transmil")(TransMIL)
+class TransMILOptions(EmbedOptions):
+    heads: int = Field(8, ge=1)
+    landmarks: int | None = Field(None, ge=1)  # Nystrom landmarks (default hidden_dim // 2)
+    attention_dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        if self.hidden_dim % self.heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of heads {self.heads}")
+        return self
+
+
+@register("transmil", TransMILOptions)
+def transmil(in_dim: int, n_classes: int, o: TransMILOptions) -> TransMIL:
+    return TransMIL(in_dim, n_classes, o.hidden_dim, dropout=o.dropout, heads=o.heads, landmarks=o.landmarks,
+                    attention_dropout=o.attention_dropout)
