@@ -37,7 +37,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("pairs, needle", [
     (["tiling.target_mp=0.5"], "unknown key 'tiling.target_mp'"),
     (["tiling.target_mpp=-1"], "tiling.target_mpp"),
-    (["slides.backend=pillow"], "slides.backend"),
+    (["slides.backend=Pillow!"], "slides.backend"),
     (["tissue.median_ksize=4"], "tissue.median_ksize"),
     (["nonsense"], "not key=value"),
 ])

@@ -148,3 +148,33 @@ def test_the_prescaled_thumbnail_gives_the_plain_paths_mask_on_the_real_svs():
     with open_slide(CMU) as r:
         share, far = _masks_agree(r)
     assert share <= 0.03 and far <= 40
+
+
+def test_every_registered_backend_reads_the_same_pixels_and_an_unknown_one_is_one_line(tmp_path, capsys):
+    """The reader registry's contract, over every registered backend: the same levels, properties with an
+    mpp, regions (white outside the slide), and a source Deep Zoom can tile."""
+    from wsi_mil.cli import main
+    from wsi_mil.slide.backends import BACKENDS, backend_order
+    from wsi_mil.slide.deepzoom import deepzoom
+    from wsi_mil.synthetic import SyntheticSpec, write_slide
+
+    path = tmp_path / "r.svs"
+    write_slide(path, SyntheticSpec(width=1100, height=900, mpp=0.5, seed=4))
+    assert [e.name for e in backend_order("auto")] == ["openslide", "tiffslide"]
+    regions = {}
+    for name in BACKENDS:
+        with SlideReader(path, name) as r:
+            assert r.backend == name and r.dimensions == (1100, 900)
+            regions[name] = r.read_region((1000, 800), 0, (200, 150))
+            assert (regions[name][100:, 100:] == 255).all()  # outside the slide: white
+            dz = deepzoom(r)
+            assert dz.level_dimensions[-1] == (1100, 900) and dz.get_tile(dz.level_count - 1, (0, 0)).size == (256, 256)
+    a, b = regions.values()
+    assert np.abs(a.astype(int) - b).mean() < 3
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    path.rename(slides / path.name)
+    code = main(["tile", "--slides", str(slides), "--out", str(tmp_path / "out"), "slides.backend=pillow"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [
+        "error: config error: slides.backend: unknown slide backend 'pillow' (choose from auto, openslide, tiffslide)"]

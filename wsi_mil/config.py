@@ -28,7 +28,7 @@ class Section(BaseModel):
 
 
 class SlidesConfig(Section):
-    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    backend: str = Field("auto", pattern=r"^[a-z0-9_]+$")  # auto, or a registered backend (wsi_mil.slide.backends)
     default_mpp: float | None = Field(None, gt=0)
     mpp_csv: Path | None = None
     recursive: bool = False

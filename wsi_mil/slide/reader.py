@@ -1,34 +1,18 @@
-"""One reader over openslide-python and tiffslide.
+"""One reader over every registered slide backend (:mod:`wsi_mil.slide.backends`: openslide, tiffslide).
 
-Regions come back as RGB uint8 numpy arrays; anything outside the slide is white on both backends.
+Regions come back as RGB uint8 numpy arrays; anything outside the slide is white on every backend.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from ..errors import SlideError, one_line
-
-BACKENDS = ("openslide", "tiffslide")
-
-
-def _open_backend(path: Path, backend: str):
-    if backend == "openslide":
-        import openslide
-
-        return openslide.OpenSlide(str(path))
-    if backend == "tiffslide":
-        import tiffslide
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tiffslide.TiffSlide(str(path))
-    raise SlideError(f"unknown slide backend '{backend}' (use auto, openslide or tiffslide)")
+from .backends import backend_order, open_backend
 
 
 class SlideReader:
@@ -38,34 +22,25 @@ class SlideReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideError(f"{self.path.name}: slide file not found: {self.path}")
-        tries = BACKENDS if backend == "auto" else (backend,)
         reasons = []
-        for name in tries:
-            slide = None
+        for entry in backend_order(backend):
             try:
-                slide = _open_backend(self.path, name)
                 # backends parse lazily: a truncated file can open, then fail on its first page
-                dims = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
-                downsamples = tuple(float(d) for d in slide.level_downsamples)
-                props = dict(slide.properties)
-                if not dims:
+                opened = open_backend(self.path, entry)
+                if not opened.level_dimensions:
+                    opened.close()
                     raise SlideError("no image levels")
-                self._slide, self.backend = slide, name
+                self._backend, self.backend = opened, entry.name
                 break
             except Exception as exc:  # each backend raises its own types
-                reasons.append(f"{name}: {one_line(exc)}")
-                if slide is not None:
-                    try:
-                        slide.close()
-                    except Exception:
-                        pass
+                reasons.append(f"{entry.name}: {one_line(exc)}")
         else:
             size = self.path.stat().st_size
             raise SlideError(f"{self.path.name}: cannot open slide ({size:,} bytes; truncated, corrupt or not a "
                              f"slide format: {'; '.join(reasons)})")
-        self.level_dimensions: tuple[tuple[int, int], ...] = dims
-        self.level_downsamples: tuple[float, ...] = downsamples
-        self.properties: dict = props
+        self.level_dimensions: tuple[tuple[int, int], ...] = opened.level_dimensions
+        self.level_downsamples: tuple[float, ...] = opened.level_downsamples
+        self.properties: dict = opened.properties
         self.mpp: float | None = None
         self.mpp_source: str | None = None
         self.fast_thumbnail = True  # read_at_mpp may decode JPEG tiles pre-scaled (thumbnail.py)
@@ -113,13 +88,11 @@ class SlideReader:
         return out
 
     def _read(self, location, level, size) -> np.ndarray:
-        if self.backend == "tiffslide":
-            arr = self._slide.read_region(location, level, size, as_array=True)
-            return np.ascontiguousarray(arr[..., :3])
-        rgba = np.asarray(self._slide.read_region(location, level, size))
-        rgb = rgba[..., :3].copy()
-        rgb[rgba[..., 3] == 0] = 255
-        return rgb
+        return self._backend.read(location, level, size)
+
+    def deepzoom_source(self):
+        """What ``openslide.deepzoom.DeepZoomGenerator`` reads for this slide (see :mod:`.backends`)."""
+        return self._backend.deepzoom_source()
 
     def read_at_mpp(self, mpp: float, max_strip_px: int = 32_000_000) -> tuple[np.ndarray, float]:
         """The whole slide resampled to ``mpp`` µm/px, read from a suitable pyramid level in strips.
@@ -152,7 +125,7 @@ class SlideReader:
         return out, w0 / out_w
 
     def close(self) -> None:
-        self._slide.close()
+        self._backend.close()
 
     def __enter__(self) -> SlideReader:
         return self

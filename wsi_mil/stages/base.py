@@ -11,6 +11,7 @@ from ..config import Config
 from ..layout import Layout
 from ..runner import BatchResult, make_executor, run_batch
 from ..slide import SlideRef, open_slide
+from ..slide.backends import backend_order
 from ..slide.mpp import load_mpp_csv
 
 
@@ -39,6 +40,7 @@ def open_configured(slide: SlideRef, cfg: Config):
 def run_stage(stage: SlideStage, slides: list[SlideRef], cfg: Config, out: Path | Layout,
               progress: bool = True) -> BatchResult:
     layout = out if isinstance(out, Layout) else Layout(out)
+    backend_order(cfg.slides.backend)  # an unknown slides.backend is one line before any slide, not one per slide
     if stage.setup is not None:
         stage.setup(cfg, layout)
     r = cfg.runner
