@@ -59,7 +59,7 @@ demo: venv  ## whole pipeline on generated synthetic slides (demo_out/)
 	$(PY) pipelines/demo.py --out demo_out $(ARGS)
 
 bench: venv  ## throughput figures (see docs/benchmarks.md)
-	$(PY) pipelines/bench.py $(ARGS)
+	$(PY) -m pipelines.bench $(ARGS)
 
 WSI_MIL := $(VENV)/bin/wsi-mil
 

@@ -1,0 +1,73 @@
+"""train: training end to end vs pure forward+backward, epoch time per head, digits-bags AUROCs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from .options import Options
+
+
+def run(opts: Options) -> None:
+    quick = opts.quick
+    import torch
+
+    from wsi_mil.config import load_config
+    from wsi_mil.mil.data import Bag, BagCache, BagDataset, pad_batch
+    from wsi_mil.mil.digits import digits_bags, evaluate
+    from wsi_mil.mil.models import MODELS, build_model
+    from wsi_mil.mil.train import fit
+
+    n_bags, n_inst, dim = (12, 200, 256) if quick else (200, 2000, 1024)
+    cfg = load_config(None, ["train.epochs=3", "train.min_epochs=3", "train.balance=none"])
+    print(f"\n== train: {n_bags} bags x {n_inst} instances x {dim} dims, {cfg.model.name}, "
+          f"{cfg.train.batch_size} bag per step, CPU {torch.get_num_threads()} threads")
+    g = torch.Generator().manual_seed(0)
+    bags = [Bag(f"b{i}", torch.randn(n_inst, dim, generator=g), i % 2, f"p{i}") for i in range(n_bags)]
+    torch.manual_seed(0)
+    model = build_model(cfg.model, dim, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    ds = BagDataset(bags, BagCache(0))
+    batches = [pad_batch([ds[j] for j in range(i, i + cfg.train.batch_size)])
+               for i in range(0, n_bags, cfg.train.batch_size)]
+
+    def pure() -> float:
+        model.train()
+        t0 = time.perf_counter()
+        for x, mask, y in batches:
+            loss = model.compute_loss(model(x, mask), y)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+    pure()  # warm-up
+    fit_s, pure_s = [], []
+    for _ in range(2):  # interleaved rounds, so drift on a shared machine hits both sides alike
+        history = fit(bags, [], dim, 2, cfg.model, cfg.train, seed=0).history
+        fit_s += [h["seconds"] for h in history[1:]]  # epochs timed by fit itself; the first warms up
+        pure_s.append(pure())
+    epoch_s, sec = statistics.median(fit_s), statistics.median(pure_s)
+    a, b = n_bags / epoch_s, n_bags / sec
+    print(f"  (a) training end to end : {a:7.1f} bags/s  (median epoch {epoch_s:.2f} s)")
+    print(f"  (b) pure forward+backward: {b:7.1f} bags/s  (same tensors, already batched in memory)")
+    print(f"  a/b = {a / b:.2f}")
+
+    print(f"  epoch seconds per model ({n_bags} x {n_inst} x {dim}, one bag per step, 2nd epoch):")
+    for name in sorted(MODELS):
+        mcfg = load_config(None, [f"model.name={name}", "train.epochs=2", "train.min_epochs=2", "train.balance=none"])
+        history = fit(bags, [], dim, 2, mcfg.model, mcfg.train, seed=0).history
+        print(f"    {name:12s} {history[-1]['seconds']:7.2f} s", flush=True)
+
+    n_train, n_test, epochs = (60, 40, 3) if quick else (200, 100, 30)
+    train, test, inst = digits_bags(n_train=n_train, n_test=n_test, seed=0)
+    print(f"  digits-bags ({n_train} train bags, {n_test} test, target digit 9, {epochs} epochs): bag AUROC / "
+          "instance AUROC")
+    for name in sorted(MODELS):
+        dcfg = load_config(None, [f"model.name={name}", "model.hidden_dim=64", "model.attention_dim=32",
+                                  "model.dropout=0.0", f"train.epochs={epochs}", "train.lr=0.002", "train.batch_size=8"])
+        t0 = time.perf_counter()
+        res = fit(train[n_train // 5:], train[:n_train // 5], 64, 2, dcfg.model, dcfg.train, seed=0)
+        bag_auc, instance_auc = evaluate(res.model, test, inst)
+        claim = "" if res.model.localises else "  (no localisation claimed)"
+        print(f"    {name:12s} {bag_auc:.3f} / {instance_auc:.3f}  ({time.perf_counter() - t0:.1f} s){claim}", flush=True)
