@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -275,3 +276,45 @@ def test_overrides_are_accepted_before_and_after_options():
     assert args.overrides == ["a.b=1", "c.d=2", "e=3"] and args.no_progress and args.overwrite
     with pytest.raises(SystemExit):
         parse_args(["train", "--out", "o", "a=1", "--bogus"])
+
+
+# -- the real stages: run's ignored labels, heatmap's non-finite features ---------------------------------
+
+REAL_ENC = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0"]
+
+
+@pytest.fixture
+def mapped_copy(mapped, tmp_path):
+    slides, out0 = mapped
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\nm0,normal\nm1,tumour\n")
+    assert main(["train", "--out", str(out), "--no-progress", *REAL_ENC, f"train.labels={labels}", "train.folds=1",
+                 "train.val_fraction=0", "train.epochs=1", "model.hidden_dim=16", "model.attention_dim=8"]) == 0
+    return slides, out
+
+
+def test_run_says_when_its_labels_are_not_used_because_a_complete_model_exists(mapped_copy, tmp_path, capsys):
+    slides, out = mapped_copy
+    other = tmp_path / "other.csv"
+    other.write_text("slide_id,label\nm0,A\nm1,B\nglass,C\n")
+    code = main(["run", "--slides", str(slides), "--out", str(out), "--no-progress", *REAL_ENC,
+                 f"train.labels={other}", "heatmap.exports=[png]", "heatmap.top_k=0"])
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    note = [line for line in stdout.splitlines() if "train.labels is ignored" in line]
+    assert len(note) == 1 and "['normal', 'tumour']" in note[0] and "['A', 'B', 'C']" in note[0], stdout
+
+
+def test_heatmap_fails_a_slide_with_non_finite_features_naming_the_file(mapped_copy):
+    slides, out = mapped_copy
+    path = Layout(out).features("resnet18", "m1")
+    with h5py.File(path, "r+") as fh:
+        fh["features"][0, 0] = np.nan
+    assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *REAL_ENC,
+                 "heatmap.exports=[png]", "heatmap.top_k=0"]) == 1
+    row = {(r["slide_id"], r["stage"]): r for r in read_manifest(out / "manifest.csv")}[("m1", "heatmap")]
+    assert row["status"] == "failed" and "m1.h5" in row["reason"] and "NaN or inf" in row["reason"]
+    assert not Layout(out).heatmap_dir("default", "m1").exists()
+    assert Layout(out).heatmap_summary("default", "m0").is_file()
