@@ -55,8 +55,12 @@ class Study:
             raise WsiMilError(f"--out {out}: no such output folder")
         self._root = self.layout.root.resolve()
         runs = self.layout.heatmap_runs()
-        if run is not None and run not in runs and not self.layout.run_dir(run).is_dir():
-            raise WsiMilError(f"--run {run}: no such run in {out} (runs with heatmaps: {', '.join(runs) or 'none'})")
+        if run is not None and run not in runs:  # no heatmaps yet: it must be a model, checked as every model is
+            if not self.layout.run_dir(run).is_dir():
+                raise WsiMilError(f"--run {run}: no such run in {out} (runs with heatmaps: {', '.join(runs) or 'none'})")
+            from ..mil.ensemble import resolve_model  # torch: only when a model, not heatmaps, is named
+
+            resolve_model(self.layout, run)
         self.run = run or ("default" if "default" in runs else (runs[0] if runs else "default"))
         self._source = slides
         self._extensions = extensions or [".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif",
