@@ -97,9 +97,9 @@ class ModelRef:
     @classmethod
     def from_path(cls, path: str | Path) -> ModelRef:
         path = Path(path)
-        files = tuple(model_files(path))
+        files = tuple(model_files(path))  # complete, and every fold the one trained
         name = path.name.removesuffix(".safetensors") if path.is_file() else path.resolve().name
-        return cls(path, name, files, model_id(path))
+        return cls(path, name, files, _sha(path / RUN_MARKER) if path.is_dir() else _sha(files[0]))
 
 
 def resolve_model(layout: Layout, ref: str | Path) -> ModelRef:
@@ -118,9 +118,7 @@ def resolve_model(layout: Layout, ref: str | Path) -> ModelRef:
 def model_id(model_path: str | Path) -> str:
     """A short content hash of the model: the run's summary (which names its folds and their hashes) or the
     checkpoint itself. The fold files are checked against those hashes first."""
-    path = Path(model_path)
-    files = model_files(path)
-    return _sha(path / RUN_MARKER) if path.is_dir() else _sha(files[0])
+    return ModelRef.from_path(model_path).model_id
 
 
 class Ensemble:
