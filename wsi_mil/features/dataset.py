@@ -14,24 +14,43 @@ import logging
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..formats import PatchSpec
 from ..slide.reader import SlideReader
+from .encoders.registry import Transform
 
 log = logging.getLogger(__name__)
 
 
+_PIL = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def official_geometry(patch: np.ndarray, t: Transform) -> np.ndarray:
+    """What an encoder's official eval transform does to a tile before ``ToTensor``: torchvision's
+    ``Resize(t.resize)`` on a PIL image (the shorter side to ``t.resize``, PIL's antialiased filter) and
+    ``CenterCrop(t.crop)`` (offsets ``round((size - crop) / 2)``)."""
+    h, w = patch.shape[:2]
+    if min(h, w) != t.resize:
+        size = (t.resize, int(t.resize * h / w)) if w <= h else (int(t.resize * w / h), t.resize)  # (w, h)
+        patch = np.asarray(Image.fromarray(patch).resize(size, _PIL[t.interpolation]))
+        h, w = patch.shape[:2]
+    top, left = int(round((h - t.crop) / 2.0)), int(round((w - t.crop) / 2.0))
+    return np.ascontiguousarray(patch[top:top + t.crop, left:left + t.crop])
+
+
 class PatchDataset(Dataset):
     def __init__(self, slide_path, backend: str, coords: np.ndarray, level: int, size_at_level: int,
-                 size0: int, out_size: int, group: int = 1):
+                 size0: int, out_size: int | Transform, group: int = 1):
         self.slide_path = str(slide_path)
         self.backend = backend
         self.coords = np.asarray(coords, np.int64).reshape(-1, 2)
         self.level = level
         self.size_at_level = size_at_level
         self.size0 = size0
-        self.out_size = out_size
+        self.transform = out_size if isinstance(out_size, Transform) else None
+        self.out_size = out_size.crop if isinstance(out_size, Transform) else int(out_size)
         self.group = max(1, group)
         self._reader: SlideReader | None = None
         self._pid: int | None = None
@@ -63,6 +82,8 @@ class PatchDataset(Dataset):
 
     # -- reading ----------------------------------------------------------------------------------
     def _resize(self, patch: np.ndarray) -> np.ndarray:
+        if self.transform is not None:
+            return official_geometry(patch, self.transform)
         if patch.shape[0] == self.out_size and patch.shape[1] == self.out_size:
             return patch
         interp = cv2.INTER_AREA if patch.shape[0] > self.out_size else cv2.INTER_LINEAR
@@ -128,8 +149,9 @@ def collate_batch(batch):
     return batch
 
 
-def patch_dataset(slide_path, coords: np.ndarray, spec: PatchSpec, input_size: int, group: int = 1) -> PatchDataset:
+def patch_dataset(slide_path, coords: np.ndarray, spec: PatchSpec, input_size: int | Transform,
+                  group: int = 1) -> PatchDataset:
     """Patches exactly as tiling laid them out (a patch file's :class:`PatchSpec`): its level and read size,
-    resized to the encoder's input."""
+    then the encoder's official geometry (a :class:`Transform`) or, for a plain size, resized to it."""
     return PatchDataset(slide_path, spec.backend or "auto", coords, spec.patch_level, spec.patch_size_level,
                         spec.patch_size_level0, input_size, group)

@@ -37,7 +37,15 @@ class FeatureSpec:
     patch_size_target: int = 0
     patch_size_level0: int = 0
     n_failed_patches: int = 0
+    model_mpp: float = 0.0  # µm per pixel the model saw (after the encoder's resize)
+    native_tile_px: int = 0  # the encoder's native tile (0: not a preset)
+    native_mpp: float = 0.0
     wsi_mil_version: str = ""
+
+    @property
+    def geometry(self) -> tuple[int, float]:
+        """(tile edge, µm/px) of the patches these features were computed from."""
+        return int(self.patch_size_target or self.patch_size), round(float(self.target_mpp), 6)
 
     def to_attrs(self) -> dict:
         return asdict(self)

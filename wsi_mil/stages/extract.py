@@ -9,10 +9,11 @@ from .. import __version__
 from ..config import Config
 from ..errors import WsiMilError
 from ..features.dataset import patch_dataset
+from ..features.encoders import Preset
 from ..features.engine import Prepared, extract_patches, prepared_encoder
-from ..formats import FeatureSpec, PatchSpec, read_patch_file, write_features
+from ..formats import FeatureSpec, PatchSpec, read_feature_spec, read_patch_file, write_features
 from ..h5io import check_features_file
-from ..layout import Layout, encoder_id
+from ..layout import Layout, encoder_id, slide_files
 from ..slide import SlideRef
 from .base import SlideStage
 
@@ -21,13 +22,52 @@ log = logging.getLogger(__name__)
 
 def feature_spec(prep: Prepared, cfg: Config, patches: PatchSpec, n_bad: int) -> FeatureSpec:
     enc = prep.encoder
+    edge = patches.patch_size_target or patches.patch_size
+    resized_to = enc.transform.resize if enc.transform else enc.input_size
+    native = enc.preset
     return FeatureSpec(
         encoder_id=enc.encoder_id, feature_dim=int(enc.dim), encoder=enc.name, weights_source=enc.weights_source,
         weights_sha256=enc.weights_sha256 or "none", precision=prep.precision, dtype=cfg.extract.feature_dtype,
         input_size=int(enc.input_size), device=prep.device.type, target_mpp=patches.target_mpp,
         patch_size=patches.patch_size, patch_size_target=patches.patch_size_target or patches.patch_size,
-        patch_size_level0=patches.patch_size_level0, n_failed_patches=int(n_bad), wsi_mil_version=__version__,
+        patch_size_level0=patches.patch_size_level0, n_failed_patches=int(n_bad),
+        model_mpp=float(patches.target_mpp * edge / resized_to), native_tile_px=native.tile_px if native else 0,
+        native_mpp=native.mpp if native else 0.0, wsi_mil_version=__version__,
     )
+
+
+_WARNED: set = set()
+
+
+def check_geometry(preset: Preset | None, spec: FeatureSpec, slide_id: str) -> None:
+    """One warning line per run when the tiles are not the encoder's native ones, giving the scale the model
+    actually sees (also recorded in the features file as ``model_mpp``)."""
+    if preset is None or spec.geometry == (preset.tile_px, round(preset.mpp, 6)):
+        return
+    key = (spec.encoder_id, spec.geometry)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s: encoder '%s' was made for %d-px tiles at %g µm/px; these are %d px at %g µm/px, so it sees "
+                    "%.3g µm/px instead of %.3g (unset tiling.patch_size and tiling.target_mpp to tile natively)",
+                    slide_id, preset.name, preset.tile_px, preset.mpp, spec.geometry[0], spec.target_mpp,
+                    spec.model_mpp, preset.model_mpp)
+
+
+def check_no_mixing(folder: Path, slide_id: str, spec: FeatureSpec) -> None:
+    """Features of other tile geometries never share a folder with these: one line naming a file that differs."""
+    for other_id, path in slide_files(folder).items():
+        if other_id == slide_id:
+            continue
+        try:
+            theirs = read_feature_spec(path)
+        except (OSError, KeyError, ValueError):
+            continue
+        if theirs.patch_size_target and theirs.geometry != spec.geometry:
+            raise WsiMilError(f"{folder.name}/ holds features of {theirs.geometry[0]}-px tiles at {theirs.geometry[1]:g} "
+                              f"µm/px ({path.name}); {slide_id}'s patches are {spec.geometry[0]} px at "
+                              f"{spec.geometry[1]:g} µm/px: extract into another --out, or redo every slide "
+                              f"with --overwrite")
+        return  # one file stands for the folder: every file in it passed this check
 
 
 def extract_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
@@ -36,13 +76,16 @@ def extract_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
         raise WsiMilError(f"{slide.slide_id}: no {src.relative_to(layout.root)}; run 'wsi-mil tile' first")
     coords, spec = read_patch_file(src)
     prep = prepared_encoder(cfg.encoder, cfg.extract)
-    ds = patch_dataset(slide.path, coords, spec, prep.encoder.input_size, cfg.extract.read_group)
+    ds = patch_dataset(slide.path, coords, spec, prep.encoder.geometry, cfg.extract.read_group)
     feats, bad = extract_patches(prep, ds, cfg.extract)
     if len(bad):
         log.warning("%s: %d patch(es) could not be decoded; blank patches stand in", slide.slide_id, len(bad))
-    write_features(layout.features(prep.encoder.encoder_id, slide.slide_id), slide.slide_id,
-                   feats.astype(cfg.extract.feature_dtype), coords, feature_spec(prep, cfg, spec, len(bad)), spec,
-                   bad)
+    fspec = feature_spec(prep, cfg, spec, len(bad))
+    target = layout.features(prep.encoder.encoder_id, slide.slide_id)
+    check_geometry(prep.encoder.preset, fspec, slide.slide_id)
+    if not cfg.runner.overwrite:
+        check_no_mixing(target.parent, slide.slide_id, fspec)
+    write_features(target, slide.slide_id, feats.astype(cfg.extract.feature_dtype), coords, fspec, spec, bad)
     note = f"{len(coords)} patches" if len(coords) else "0 patches: empty bag written"
     return note + (f"; {len(bad)} undecodable tile(s) replaced by blank patches" if len(bad) else "")
 

@@ -97,7 +97,7 @@ def _refine_scorer(slide: SlideRef, cfg: Config, ens: Ensemble, spec: PatchSpec,
 
     def score(new: np.ndarray) -> np.ndarray:
         prep = prepared_encoder(cfg.encoder, cfg.extract)
-        feats, _ = extract_patches(prep, patch_dataset(slide.path, new, spec, prep.encoder.input_size,
+        feats, _ = extract_patches(prep, patch_dataset(slide.path, new, spec, prep.encoder.geometry,
                                                        cfg.extract.read_group), cfg.extract)
         _, scores = ens(torch.from_numpy(feats), precision)
         return scores[k] if scores.ndim == 2 else scores
