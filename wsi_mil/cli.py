@@ -32,6 +32,7 @@ HELP = {
     "compare": "MIL heads trained on the same folds, side by side -> comparison.{csv,md,png}",
     "view": "the study in the browser: slides, predictions, deep-zoom heatmaps (http://127.0.0.1:8000/)",
     "config": "print the effective configuration (defaults + --config + overrides) as commented YAML",
+    "encoders": "list the encoder presets: feature width, native tile, transform, pooling, weight formats, licence",
 }
 log = logging.getLogger("wsi_mil")
 
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":  # reads run folders only: no config, no overrides
             sp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (e.g. OUT/models/*)")
             sp.add_argument("--output", type=Path, help="where to write (default: the runs' parent folder)")
+            continue
+        if name == "encoders":  # reads the registry only
             continue
         if name == "view":  # serves one output folder read-only: no config
             sp.add_argument("--out", type=Path, required=True, help="the study's output folder")
@@ -136,6 +139,11 @@ def dispatch(args, cfg: Config) -> int:
         return 0
     if args.stage == "config":
         sys.stdout.write(render_config(cfg))
+        return 0
+    if args.stage == "encoders":
+        from .features.encoders.table import text_table
+
+        sys.stdout.write(text_table())
         return 0
     if args.stage == "export":
         from .interop import export_study, load_study

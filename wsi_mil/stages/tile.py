@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_text
-from ..config import Config, config_to_dict
+from ..config import Config, EncoderConfig, TilingConfig, config_to_dict
 from ..formats import PatchSpec, TissueMask, write_patch_file
 from ..h5io import check_patch_file
 from ..layout import Layout
@@ -58,23 +58,41 @@ def compute_tiles(reader, cfg: Config, slide_id: str) -> TileResult:
     return grid_tiles(reader, cfg, slide_id, *segment(reader, cfg, slide_id))
 
 
+def effective_tiling(cfg: Config) -> TilingConfig:
+    """``tiling``, with the patch edge and µm/px the user did not set taken from the encoder preset's native
+    tile (``encoder.name``; e.g. 224 px at 0.5 µm/px for H-optimus-0, 256 px for Prov-GigaPath). Any other
+    encoder keeps the defaults (256 px at 0.5 µm/px)."""
+    t = cfg.tiling
+    unset = {"patch_size", "target_mpp"} - t.model_fields_set
+    if not unset or cfg.encoder.name == EncoderConfig().name:  # the default encoder's tile is the default
+        return t
+    from ..features.encoders import PRESETS
+
+    preset = PRESETS.get(cfg.encoder.name)
+    if preset is None:
+        return t
+    native = {"patch_size": preset.tile_px, "target_mpp": preset.mpp}
+    return t.model_copy(update={k: native[k] for k in unset})
+
+
 def grid_tiles(reader, cfg: Config, slide_id: str, thumb: np.ndarray, mask: np.ndarray, scale: float,
                source: str) -> TileResult:
     """The patch grid and its attributes for a segmented slide."""
     w0, h0 = reader.dimensions
-    grid = make_grid(w0, h0, reader.mpp, mask, scale, cfg.tiling)
-    level, size_at_level = patch_read_geometry(reader, cfg.tiling.target_mpp, grid.patch_size_level0)
+    tiling = effective_tiling(cfg)
+    grid = make_grid(w0, h0, reader.mpp, mask, scale, tiling)
+    level, size_at_level = patch_read_geometry(reader, tiling.target_mpp, grid.patch_size_level0)
     spec = PatchSpec(
-        **reader_attrs(reader, level, size_at_level, grid, cfg.tiling, slide_id),
+        **reader_attrs(reader, level, size_at_level, grid, tiling, slide_id),
         # our physical description
-        patch_size_target=int(cfg.tiling.patch_size),
+        patch_size_target=int(tiling.patch_size),
         patch_size_level=int(size_at_level),
         step_level0=float(grid.step_level0),
-        target_mpp=float(cfg.tiling.target_mpp),
+        target_mpp=float(tiling.target_mpp),
         slide_mpp=float(reader.mpp),
         mpp_source=str(reader.mpp_source),
-        overlap_fraction=float(cfg.tiling.overlap),
-        min_tissue_fraction=float(cfg.tiling.min_tissue_fraction),
+        overlap_fraction=float(tiling.overlap),
+        min_tissue_fraction=float(tiling.min_tissue_fraction),
         grid_cols=int(grid.shape[0]),
         grid_rows=int(grid.shape[1]),
         backend=str(reader.backend),
