@@ -75,7 +75,7 @@ def run(opts: Options) -> None:
 
         sec_a, _ = timed(pure, repeat=1)
         a = len(coords) / sec_a
-        ds = patch_dataset(path, coords, spec, prep.encoder.input_size, cfg.extract.read_group)
+        ds = patch_dataset(path, coords, spec, prep.encoder.geometry, cfg.extract.read_group)
         sec_b, _ = timed(partial(extract_patches, prep, ds, cfg.extract), repeat=1)
         b = len(coords) / sec_b
         print(f"  {prec}: (a) pure forward {a:6.1f} patches/s | (b) full extraction {b:6.1f} patches/s | "
