@@ -104,6 +104,16 @@ def card(name: str):
         m = _vit("vit_giant_patch14_dinov2", d, img_size=224, patch_size=16, embed_dim=1536, num_heads=24,
                  init_values=1e-5, mlp_ratio=5.33334)
         return m, m, _tf(256, 224, BICUBIC), ("timm", m.state_dict()), {"depth": d}
+    if name == "gpfm":
+        m = _vit("vit_large_patch14_dinov2", d, img_size=224, init_values=1e-5, dynamic_img_size=True)
+        return m, m, _tf((224, 224), None, BICUBIC), ("timm", m.state_dict()), {"depth": d}
+    if name.startswith("kaiko_"):
+        arch, img = {"kaiko_vits16": ("vit_small_patch16_224", 224), "kaiko_vits8": ("vit_small_patch8_224", 224),
+                     "kaiko_vitb16": ("vit_base_patch16_224", 224), "kaiko_vitb8": ("vit_base_patch8_224", 224),
+                     "kaiko_vitl14": ("vit_large_patch14_reg4_dinov2", 518)}[name]
+        m = _vit(arch, d, img_size=img, dynamic_img_size=True)
+        half = (0.5, 0.5, 0.5)
+        return m, m, _tf((224, 224), 224, BILINEAR, half, half), ("timm", m.state_dict()), {"depth": d}
     if name == "phikon":
         from transformers import ViTConfig, ViTModel
 

@@ -1,8 +1,8 @@
 """Patch encoders: a registry of presets, each carrying its authors' recipe (:mod:`.registry`), weight
 files in their published formats (:mod:`.weights`), and the builder (:mod:`.build`). Families: :mod:`.resnet`,
-:mod:`.vit`."""
+:mod:`.vit`, :mod:`.kaiko`."""
 
-from . import resnet, vit  # noqa: F401  (each registers its presets)
+from . import kaiko, resnet, vit  # noqa: F401  (each registers its presets)
 from .build import Encoder, build_encoder, feature_dim
 from .registry import IMAGENET, PRESETS, Preset, Transform, register
 from .weights import EncoderError, load_state_dict

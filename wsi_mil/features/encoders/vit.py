@@ -12,6 +12,9 @@ pooling). All take tiles at 20x (0.5 µm/px); the hub repositories are gated (ac
   Resize(224, bicubic); the class token concatenated with the mean of the patch tokens (2560-d).
 - Prov-GigaPath (Xu et al., Nature 2024; hf prov-gigapath/prov-gigapath, Apache-2.0): ViT-g/16;
   Resize(256, bicubic) + CenterCrop(224) of a 256-px tile; the class token.
+- GPFM (Ma et al. 2024, "Towards a generalizable pathology foundation model via unified knowledge
+  distillation"; hf majiabo/GPFM): DINOv2 ViT-L/14, LayerScale 1e-5, its ``GPFM.pth`` loaded into timm's
+  ``vit_large_patch14_dinov2``; Resize((224, 224)) bicubic; ImageNet normalisation; the class token.
 - Phikon (Filiot et al. 2023; hf owkin/phikon, Owkin non-commercial): iBOT ViT-B/16 published as a
   transformers ViTModel (converted to timm keys on load; LayerNorm eps 1e-12); Resize(224) bilinear;
   ``last_hidden_state[:, 0]``.
@@ -74,3 +77,8 @@ register(Preset(
     citation="Filiot et al., medRxiv 2023 (Phikon)", licence="Owkin non-commercial",
     note="Phikon iBOT ViT-B/16, published as a transformers ViTModel (owkin/phikon): its file is fetched and "
          "its keys converted to timm's"))
+register(Preset(
+    "gpfm", "vit_large_patch14_dinov2", None, {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+    *IMAGENET, tile_px=224, transform=Transform(224, 224, "bicubic"), hub_file=("majiabo/GPFM", "GPFM.pth"),
+    citation="Ma et al., arXiv 2407.18449 (GPFM)", licence="see model card",
+    note="GPFM DINOv2 ViT-L/14 (its GPFM.pth is fetched from majiabo/GPFM)"))
