@@ -78,6 +78,20 @@ def _cls_mean(model, prefix):
 
 # name -> (official model factory, its pooled forward, the card's transform, file layout, overrides for ours)
 def card(name: str):
+    """The official model, its pooled forward, the card's transform, its file (format, state) and the depth
+    override for ours. LayerScale factors are drawn around 1 (they start at 1e-5), so every block counts."""
+    official, pooled, tf, (fmt, state), over = _card(name)
+    with torch.no_grad():
+        for key, param in official.named_parameters():
+            if key.endswith(("gamma", "lambda1")):
+                param.normal_(1.0, 0.1)
+    state = official.state_dict() if fmt != "transformers" else _as_published(official.state_dict())
+    if name == "resnet50_trunc":
+        state = official.full.state_dict()
+    return official, pooled, tf, (fmt, state), over
+
+
+def _card(name: str):
     d = 2
     if name == "resnet50_trunc":
         m = _CardResNet()
@@ -104,6 +118,14 @@ def card(name: str):
         m = _vit("vit_giant_patch14_dinov2", d, img_size=224, patch_size=16, embed_dim=1536, num_heads=24,
                  init_values=1e-5, mlp_ratio=5.33334)
         return m, m, _tf(256, 224, BICUBIC), ("timm", m.state_dict()), {"depth": d}
+    if name == "phikon_v2":
+        from transformers import Dinov2Config, Dinov2Model
+
+        cfg = Dinov2Config(hidden_size=1024, num_hidden_layers=24 if FULL else d, num_attention_heads=16, mlp_ratio=4,
+                           image_size=224, patch_size=16, layerscale_value=1e-5)
+        m = Dinov2Model(cfg)
+        return m, (lambda x: m(pixel_values=x).last_hidden_state[:, 0]), _tf(224, 224, BILINEAR), \
+            ("transformers", _as_published(m.state_dict())), {"depth": d}
     if name == "gpfm":
         m = _vit("vit_large_patch14_dinov2", d, img_size=224, init_values=1e-5, dynamic_img_size=True)
         return m, m, _tf((224, 224), None, BICUBIC), ("timm", m.state_dict()), {"depth": d}
@@ -126,12 +148,14 @@ def card(name: str):
 
 
 def _as_published(state: dict) -> dict:
-    """owkin/phikon's pytorch_model.bin names (transformers 4's ViTModel); transformers 5 renamed them."""
+    """The names of the published files (transformers 4's ViTModel / Dinov2Model: owkin/phikon,
+    owkin/phikon-v2); transformers 5 renamed them."""
     import re
 
-    rules = [(r"^layers\.(\d+)\.attention\.([qkv])_proj\.", lambda m: f"encoder.layer.{m[1]}.attention.attention."
-              f"{dict(q='query', k='key', v='value')[m[2]]}."),
-             (r"^layers\.(\d+)\.attention\.o_proj\.", lambda m: f"encoder.layer.{m[1]}.attention.output.dense."),
+    rules = [(r"^(?:layers|encoder\.layer)\.(\d+)\.attention\.([qkv])_proj\.",
+              lambda m: f"encoder.layer.{m[1]}.attention.attention.{dict(q='query', k='key', v='value')[m[2]]}."),
+             (r"^(?:layers|encoder\.layer)\.(\d+)\.attention\.o_proj\.",
+              lambda m: f"encoder.layer.{m[1]}.attention.output.dense."),
              (r"^layers\.(\d+)\.mlp\.fc1\.", lambda m: f"encoder.layer.{m[1]}.intermediate.dense."),
              (r"^layers\.(\d+)\.mlp\.fc2\.", lambda m: f"encoder.layer.{m[1]}.output.dense."),
              (r"^layers\.(\d+)\.", lambda m: f"encoder.layer.{m[1]}.")]

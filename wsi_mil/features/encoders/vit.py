@@ -12,6 +12,9 @@ pooling). All take tiles at 20x (0.5 µm/px); the hub repositories are gated (ac
   Resize(224, bicubic); the class token concatenated with the mean of the patch tokens (2560-d).
 - Prov-GigaPath (Xu et al., Nature 2024; hf prov-gigapath/prov-gigapath, Apache-2.0): ViT-g/16;
   Resize(256, bicubic) + CenterCrop(224) of a 256-px tile; the class token.
+- Phikon-v2 (Filiot et al., arXiv 2409.09173; hf owkin/phikon-v2, Owkin non-commercial): DINOv2 ViT-L/16,
+  no registers, published as a transformers ``Dinov2Model`` (converted on load); 224-px tiles at
+  0.5 µm/px, Resize(224) + CenterCrop(224), ImageNet normalisation; ``last_hidden_state[:, 0]``.
 - GPFM (Ma et al. 2024, "Towards a generalizable pathology foundation model via unified knowledge
   distillation"; hf majiabo/GPFM): DINOv2 ViT-L/14, LayerScale 1e-5, its ``GPFM.pth`` loaded into timm's
   ``vit_large_patch14_dinov2``; Resize((224, 224)) bicubic; ImageNet normalisation; the class token.
@@ -82,3 +85,10 @@ register(Preset(
     *IMAGENET, tile_px=224, transform=Transform(224, 224, "bicubic"), hub_file=("majiabo/GPFM", "GPFM.pth"),
     citation="Ma et al., arXiv 2407.18449 (GPFM)", licence="see model card",
     note="GPFM DINOv2 ViT-L/14 (its GPFM.pth is fetched from majiabo/GPFM)"))
+register(Preset(
+    "phikon_v2", "vit_large_patch16_224", None, {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": True},
+    *IMAGENET, tile_px=224, transform=Transform(224, 224, "bilinear"), precision="fp32",
+    formats=("transformers", "timm"), hub_file=("owkin/phikon-v2", "model.safetensors"),
+    citation="Filiot et al., arXiv 2409.09173 (Phikon-v2)", licence="Owkin non-commercial",
+    note="Phikon-v2 DINOv2 ViT-L/16, published as a transformers Dinov2Model (owkin/phikon-v2): its file is "
+         "fetched and its keys converted to timm's"))

@@ -2,7 +2,8 @@
 
 Formats (``Preset.formats``): ``timm`` and ``torchvision`` (the same key names), ``clam`` (CLAM's
 ResNet-50 truncated after layer 3: torchvision names without ``layer4``), ``transformers`` (a
-``ViTModel``, e.g. Phikon's ``pytorch_model.bin``: query/key/value merged into timm's ``qkv``).
+``ViTModel`` such as Phikon's, or a ``Dinov2Model`` such as Phikon-v2's: query/key/value merged into
+timm's ``qkv``, LayerScale ``lambda1`` -> ``gamma``).
 Classifier heads (``fc``, ``head``, ``pooler``, ``classifier``) are dropped, as are the keys a preset's
 truncation removes. A file that still does not fit is one line naming the keys, or the first key whose
 shape differs with both shapes; nothing is loaded half-way.
@@ -48,9 +49,11 @@ def load_state_dict(path: Path) -> dict:
 
 
 _HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-_HF_BLOCK = {
+_HF_BLOCK = {  # ViTModel (iBOT, Phikon) and Dinov2Model (Phikon-v2) block names -> timm's
     "attention.output.dense": "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2",
     "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
+    "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "layer_scale1": "ls1", "layer_scale2": "ls2",
 }
 _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
@@ -59,10 +62,10 @@ _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings"
 
 
 _HF_V5 = [  # transformers >= 5 names the same tensors differently; published files use the names below
-    (re.compile(r"^layers\.(\d+)\.attention\.q_proj\."), r"encoder.layer.\1.attention.attention.query."),
-    (re.compile(r"^layers\.(\d+)\.attention\.k_proj\."), r"encoder.layer.\1.attention.attention.key."),
-    (re.compile(r"^layers\.(\d+)\.attention\.v_proj\."), r"encoder.layer.\1.attention.attention.value."),
-    (re.compile(r"^layers\.(\d+)\.attention\.o_proj\."), r"encoder.layer.\1.attention.output.dense."),
+    (re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.attention\.q_proj\."), r"encoder.layer.\1.attention.attention.query."),
+    (re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.attention\.k_proj\."), r"encoder.layer.\1.attention.attention.key."),
+    (re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.attention\.v_proj\."), r"encoder.layer.\1.attention.attention.value."),
+    (re.compile(r"^(?:layers|encoder\.layer)\.(\d+)\.attention\.o_proj\."), r"encoder.layer.\1.attention.output.dense."),
     (re.compile(r"^layers\.(\d+)\.mlp\.fc1\."), r"encoder.layer.\1.intermediate.dense."),
     (re.compile(r"^layers\.(\d+)\.mlp\.fc2\."), r"encoder.layer.\1.output.dense."),
     (re.compile(r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\."), r"encoder.layer.\1.\2."),
@@ -77,9 +80,10 @@ def _published_names(key: str) -> str:
 
 
 def from_transformers_vit(state: dict) -> dict:
-    """A transformers ``ViTModel`` state dict (``embeddings.*``, ``encoder.layer.N.*`` as published, or
-    transformers 5's ``layers.N.*``) in timm's names: query/key/value concatenated into ``qkv``,
-    ``layernorm_before/after`` -> ``norm1/2``, ``intermediate``/``output.dense`` -> ``mlp.fc1/2``."""
+    """A transformers ``ViTModel`` or ``Dinov2Model`` state dict (``embeddings.*``, ``encoder.layer.N.*`` as
+    published, or transformers 5's renamed keys) in timm's names: query/key/value concatenated into
+    ``qkv``, ``layernorm_before/after`` -> ``norm1/2``, ``intermediate``/``output.dense`` -> ``mlp.fc1/2``,
+    ``layer_scale1/2.lambda1`` -> ``ls1/2.gamma``; ``mask_token`` and the pooler dropped."""
     state = {_published_names(k.removeprefix("vit.")): v for k, v in state.items()}
     out, qkv = {}, {}
     for key, value in state.items():
@@ -96,7 +100,7 @@ def from_transformers_vit(state: dict) -> dict:
             continue
         name, _, leaf = rest.rpartition(".")
         if name in _HF_BLOCK:
-            out[f"blocks.{block}.{_HF_BLOCK[name]}.{leaf}"] = value
+            out[f"blocks.{block}.{_HF_BLOCK[name]}.{'gamma' if leaf == 'lambda1' else leaf}"] = value
     for (block, leaf), parts in qkv.items():
         out[f"blocks.{block}.attn.qkv.{leaf}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
     return out
