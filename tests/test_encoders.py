@@ -371,3 +371,11 @@ def test_phikon_has_a_real_hub_path_that_is_one_line_offline(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "owkin/phikon/pytorch_model.bin" in lines[0] and "Unreachable (offline) or gated?" in lines[0]
+
+
+def test_a_corrupt_weights_file_is_one_line(tmp_path, capsys):
+    for name in ("w.safetensors", "w.pth"):
+        bad = tmp_path / name
+        bad.write_bytes(b"not weights at all")
+        with pytest.raises(WsiMilError, match=f"encoder.weights: .*{name}"):
+            build_encoder(EncoderConfig(name="resnet50_trunc", weights=bad))

@@ -33,7 +33,11 @@ def load_state_dict(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+            raise EncoderError(f"encoder.weights: {path.name} is not a readable safetensors file: "
+                               f"{str(exc).splitlines()[0][:160]}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
