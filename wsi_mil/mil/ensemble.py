@@ -109,10 +109,15 @@ def resolve_model(layout: Layout, ref: str | Path) -> ModelRef:
     name is a path to a run folder or a checkpoint. The run must be complete and its fold files the ones
     it trained (their hashes); anything else is one line.
     """
+    return ModelRef.from_path(model_path(layout, ref))
+
+
+def model_path(layout: Layout, ref: str | Path) -> Path:
+    """Where a model reference points (see :func:`resolve_model`), without checking anything there."""
     text = str(ref)
     if isinstance(ref, Path) or "/" in text or text.endswith(".safetensors"):
-        return ModelRef.from_path(Path(ref))
-    return ModelRef.from_path(layout.run_dir(text))
+        return Path(ref)
+    return layout.run_dir(text)
 
 
 def model_id(model_path: str | Path) -> str:

@@ -27,7 +27,7 @@ from ..heatmap.raster import colorize
 from ..heatmap.scoring import SlideMap, map_slide
 from ..layout import Layout, encoder_id
 from ..mil.checkpoint import check_compatible
-from ..mil.ensemble import Ensemble, resolve_model
+from ..mil.ensemble import Ensemble, model_path, resolve_model
 from ..runner import per_process
 from ..slide import SlideRef
 from .base import SlideStage, open_configured
@@ -57,10 +57,9 @@ def ensemble(layout: Layout, cfg: Config, model: Model = None) -> Ensemble:
     """The model's fold models (resolved by :func:`resolve_model`: complete, fold hashes checked), loaded
     once per process and again when its files change."""
     ref = model_ref(cfg, model)
-    text = str(ref)
-    where = Path(ref) if isinstance(ref, Path) or "/" in text or text.endswith(".safetensors") else layout.run_dir(text)
     device = pick_device(cfg.train.device)
-    return per_process("ensemble", _stamp(where) + str(device), lambda: Ensemble(resolve_model(layout, ref), device))
+    return per_process("ensemble", _stamp(model_path(layout, ref)) + str(device),
+                       lambda: Ensemble(resolve_model(layout, ref), device))
 
 
 def summary_path(layout: Layout, slide_id: str, cfg: Config, model: Model = None) -> Path:

@@ -158,8 +158,7 @@ class TokenGate:
         query = request.query_params.get("token")
         given = query or request.cookies.get(COOKIE) or (auth[6:] if auth.lower().startswith("token ") else "")
         if not secrets.compare_digest(given.encode(), self.token.encode()):
-            return await PlainTextResponse("403: this viewer needs its token (see the URL it printed)", 403,
-                                           headers=HEADERS)(
+            return await PlainTextResponse("403: this viewer needs its token (see the URL it printed)", 403)(
                 scope, receive, send)
         if query is None:
             return await self.app(scope, receive, send)
@@ -214,7 +213,7 @@ class HostGate:
         host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
         if not self.ok(_host_name(host)):
             return await PlainTextResponse("403: unknown Host; start wsi-mil view with --allow-host NAME to "
-                                           "allow it", 403, headers=HEADERS)(scope, receive, send)
+                                           "allow it", 403)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -257,7 +256,7 @@ register_url_convertor("idx", IndexConvertor())
 def _image(data: bytes | None, media: str) -> Response:
     if data is None:
         return PlainTextResponse("not found", 404)
-    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=300", **HEADERS})
+    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=300"})
 
 
 def _slide_meta(study: Study, view: SlideView, slide_id: str) -> dict:
@@ -279,11 +278,11 @@ def _slide_meta(study: Study, view: SlideView, slide_id: str) -> dict:
 
 
 def _json(data, status: int = 200) -> Response:
-    return JSONResponse(data, status, headers=HEADERS)
+    return JSONResponse(data, status)
 
 
 def _text(text: str, status: int) -> Response:
-    return PlainTextResponse(text, status, headers=HEADERS)
+    return PlainTextResponse(text, status)
 
 
 def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 << 20, bind: str = "127.0.0.1",
@@ -294,7 +293,7 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         def endpoint(request: Request) -> Response:
             if name == "slide.html" and request.path_params["slide_id"] not in study.slides:
                 return _text("no such slide in this study", 404)
-            return FileResponse(STATIC / name, headers=HEADERS)
+            return FileResponse(STATIC / name)
         return endpoint
 
     def api_study(request: Request) -> Response:
@@ -362,7 +361,7 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         path = study.heatmap_file(slide_id, DOWNLOADS[kind])
         if path is None:
             return _text("not found", 404)
-        return FileResponse(path, filename=f"{slide_id}.{DOWNLOADS[kind]}", headers=HEADERS)
+        return FileResponse(path, filename=f"{slide_id}.{DOWNLOADS[kind]}")
 
     routes = [
         Route("/", page("study.html")),
@@ -380,7 +379,7 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         Route("/thumbs/{slide_id}.jpeg", thumb),
         Route("/patches/{slide_id}/{index:idx}.jpeg", patch),
         Route("/download/{slide_id}/{kind}", download),
-        Mount("/static", NoSniffStatic(directory=STATIC), name="static"),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
 
     async def errors(request: Request, exc: Exception) -> Response:
@@ -393,12 +392,3 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
     app.add_middleware(HostGate, bind=bind, allowed=tuple(allow_hosts))
     app.add_middleware(SecurityHeaders)  # outermost: the gates' 403s carry the headers too
     return app
-
-
-class NoSniffStatic(StaticFiles):
-    """Static files with the same security headers as every other response."""
-
-    def file_response(self, *args, **kwargs) -> Response:
-        response = super().file_response(*args, **kwargs)
-        response.headers.update(HEADERS)
-        return response
