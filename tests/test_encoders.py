@@ -136,6 +136,13 @@ def _card(name: str):
         m = _vit(arch, d, img_size=img, dynamic_img_size=True)
         half = (0.5, 0.5, 0.5)
         return m, m, _tf((224, 224), 224, BILINEAR, half, half), ("timm", m.state_dict()), {"depth": d}
+    if name in ("h0_mini", "lunit_vits8", "gigapath_flash", "virchow2_cls"):
+        return _card_timm_2025(name, d)
+    if name in ("hibou_b", "hibou_l", "midnight12k"):
+        return _card_dinov2(name, d)
+    if name == "conch_v15":
+        m = _CardConchV15(_vit("vit_large_patch16_224", d, img_size=224, init_values=1.0))
+        return m, m, _tf(448, 448, BILINEAR), ("conch", m.state_dict()), {"depth": d}
     if name == "phikon":
         from transformers import ViTConfig, ViTModel
 
@@ -145,6 +152,97 @@ def _card(name: str):
         return m, (lambda x: m(pixel_values=x).last_hidden_state[:, 0]), _tf(224, None, BILINEAR), \
             ("transformers", _as_published(m.state_dict())), {"depth": d}
     raise KeyError(name)
+
+
+HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+
+
+def _card_timm_2025(name: str, d: int):
+    """H0-mini (card: timm hub model with SwiGLUPacked/SiLU, timm's data config; Bioptimus' SDK: cls +
+    patch mean), Lunit ViT-S/8 (their README: ToTensor + Normalize on 224-px tiles), Prov-GigaPath-Flash
+    (ViT-S/16, SwiGLU fc1 2048, LayerScale; GigaPath's transform), Virchow2's class token alone."""
+    if name == "h0_mini":
+        m = _vit("vit_base_patch14_reg4_dinov2", d, img_size=224, mlp_ratio=2.66667 * 2, global_pool="",
+                 dynamic_img_size=True, **_swiglu())
+        tf = timm.data.create_transform(input_size=(3, 224, 224), interpolation="bicubic", crop_pct=1.0,
+                                        crop_mode="center", mean=HOPTIMUS[0], std=HOPTIMUS[1], is_training=False)
+        return m, _cls_mean(m, m.num_prefix_tokens), tf, ("timm", m.state_dict()), {"depth": d}
+    if name == "lunit_vits8":
+        m = _vit("vit_small_patch8_224", d, img_size=224, dynamic_img_size=True)
+        tf = T.Compose([T.ToTensor(), T.Normalize((0.70322989, 0.53606487, 0.66096631),
+                                                  (0.21716536, 0.26081574, 0.20723464))])
+        return m, m, tf, ("timm", m.state_dict()), {"depth": d}
+    if name == "gigapath_flash":
+        from timm.models.vision_transformer import VisionTransformer
+
+        m = VisionTransformer(img_size=224, patch_size=16, embed_dim=384, depth=12 if FULL else d, num_heads=6,
+                              mlp_ratio=2048 / 384.0, init_values=1e-5, num_classes=0, global_pool="token",
+                              dynamic_img_size=True, **_swiglu())
+        return m, m, _tf(256, 224, BICUBIC), ("timm", m.state_dict()), {"depth": d}
+    m = _vit("vit_huge_patch14_224", d, img_size=224, init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4,
+             global_pool="", dynamic_img_size=True, **_swiglu())
+    return m, (lambda x: m(x)[:, 0]), _tf(224, None, BICUBIC), ("timm", m.state_dict()), {"depth": d}
+
+
+def _card_dinov2(name: str, d: int):
+    """Hibou-B/L (transformers DINOv2 with 4 registers, the architecture of their remote code;
+    ``pooler_output``; their image processor) and Midnight-12k (transformers Dinov2Model ViT-g/14 SwiGLU;
+    its card's classification embedding: class token ++ mean of patch tokens; mean/std 0.5)."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    if name == "midnight12k":
+        m = Dinov2Model(Dinov2Config(hidden_size=1536, num_hidden_layers=40 if FULL else d, num_attention_heads=24,
+                                     mlp_ratio=4, use_swiglu_ffn=True, image_size=224, patch_size=14,
+                                     layerscale_value=1e-5))
+
+        def pooled(x):
+            tokens = m(pixel_values=x).last_hidden_state
+            return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)
+        half = (0.5, 0.5, 0.5)
+        return m, pooled, _tf(224, 224, BILINEAR, half, half), ("transformers", m.state_dict()), {"depth": d}
+    width, layers, heads = {"hibou_b": (768, 12, 12), "hibou_l": (1024, 24, 16)}[name]
+    m = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=width, num_hidden_layers=layers if FULL else d, num_attention_heads=heads, mlp_ratio=4,
+        image_size=224, patch_size=14, num_register_tokens=4, layerscale_value=1.0))
+    tf = _tf(224, 224, BICUBIC, (0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
+    return m, (lambda x: m(pixel_values=x).pooler_output), tf, ("transformers", m.state_dict()), {"depth": d}
+
+
+class _CardConchV15(nn.Module):
+    """CONCH v1.5's vision tower as its published recipe builds it: the ViT-L/16 trunk on a 224 grid, its
+    position embedding interpolated DINO-style at 448 (bicubic, scale factor (28 + 0.1) / 14), the
+    contrastive attentional pooler (1 query, 8 heads, written out with einsum here) and ln_contrast."""
+
+    def __init__(self, trunk):
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = nn.Module()
+        pool = self.attn_pool_contrast
+        pool.query = nn.Parameter(torch.randn(1, 768))
+        pool.ln_k, pool.ln_q = nn.LayerNorm(1024), nn.LayerNorm(768)
+        pool.to_q, pool.to_kv = nn.Linear(768, 768, bias=False), nn.Linear(1024, 1536, bias=False)
+        pool.to_out = nn.Linear(768, 768, bias=False)
+        self.ln_contrast = nn.LayerNorm(768)
+
+    def forward(self, x):
+        import math
+
+        t, pool = self.trunk, self.attn_pool_contrast
+        b, _, h, w = x.shape
+        tokens = t.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([t.cls_token.expand(b, -1, -1), tokens], 1)
+        n = t.pos_embed.shape[1] - 1
+        grid = nn.functional.interpolate(
+            t.pos_embed[:, 1:].reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), -1).permute(0, 3, 1, 2),
+            scale_factor=((h // 16 + 0.1) / math.sqrt(n), (w // 16 + 0.1) / math.sqrt(n)), mode="bicubic")
+        pos = torch.cat([t.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, grid.shape[1])], 1)
+        tokens = t.norm(t.blocks(tokens + pos))
+        q = pool.to_q(pool.ln_q(pool.query)).reshape(1, 8, 96).transpose(0, 1)  # heads, 1, 96
+        k, v = pool.to_kv(pool.ln_k(tokens)).chunk(2, -1)
+        k, v = (z.reshape(b, -1, 8, 96).permute(0, 2, 1, 3) for z in (k, v))  # b, heads, n, 96
+        attn = torch.einsum("hqd,bhnd->bhqn", q * 96 ** -0.5, k).softmax(-1)
+        out = torch.einsum("bhqn,bhnd->bqhd", attn, v).reshape(b, 1, 768)
+        return self.ln_contrast(pool.to_out(out)[:, 0])
 
 
 def _as_published(state: dict) -> dict:
@@ -158,14 +256,21 @@ def _as_published(state: dict) -> dict:
               lambda m: f"encoder.layer.{m[1]}.attention.output.dense."),
              (r"^layers\.(\d+)\.mlp\.fc1\.", lambda m: f"encoder.layer.{m[1]}.intermediate.dense."),
              (r"^layers\.(\d+)\.mlp\.fc2\.", lambda m: f"encoder.layer.{m[1]}.output.dense."),
+             (r"^(encoder\.layer\.\d+)\.mlp\.down_proj\.", lambda m: f"{m[1]}.mlp.weights_out."),
              (r"^layers\.(\d+)\.", lambda m: f"encoder.layer.{m[1]}.")]
-    out = {}
+    out, gate_up = {}, {}
     for key, value in state.items():
         for pattern, repl in rules:
             if re.match(pattern, key):
                 key = re.sub(pattern, repl, key)
                 break
+        m = re.match(r"^(encoder\.layer\.\d+\.mlp)\.(gate_proj|up_proj)\.(weight|bias)$", key)
+        if m:  # transformers 4 (the published files) packs SwiGLU's gate and up: weights_in = [gate; up]
+            gate_up.setdefault((m[1], m[3]), {})[m[2]] = value
+            continue
         out[key] = value
+    for (prefix, leaf), pair in gate_up.items():
+        out[f"{prefix}.weights_in.{leaf}"] = torch.cat([pair["gate_proj"], pair["up_proj"]], 0)
     return out
 
 
@@ -347,15 +452,19 @@ def test_features_of_two_geometries_never_share_a_folder(tmp_path, slide, capsys
 
 
 def test_wsi_mil_encoders_lists_every_preset_with_its_width_and_the_readme_carries_the_same_table(capsys):
-    from wsi_mil.features.encoders.table import markdown_table
+    from wsi_mil.features.encoders import EXTRAS
+    from wsi_mil.features.encoders.table import markdown_extras, markdown_table
 
     assert main(["encoders"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
-    assert set(rows) == set(PRESETS)
+    table, _, extras = capsys.readouterr().out.partition("\n\n")
+    rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:]}
+    assert set(rows) == set(PRESETS) and len(PRESETS) >= 24
     assert rows["virchow2"] == "2560" and rows["phikon"] == "768" and rows["resnet50_trunc"] == "1024"
+    assert rows["midnight12k"] == "3072" and rows["virchow2_cls"] == "1280" and rows["conch_v15"] == "768"
+    assert all(f"  {name}:" in extras for name in EXTRAS)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert markdown_table() in readme, "regenerate the README's encoder table (wsi_mil.features.encoders.table)"
+    assert markdown_extras() in readme
 
 
 
@@ -379,3 +488,42 @@ def test_a_corrupt_weights_file_is_one_line(tmp_path, capsys):
         bad.write_bytes(b"not weights at all")
         with pytest.raises(WsiMilError, match=f"encoder.weights: .*{name}"):
             build_encoder(EncoderConfig(name="resnet50_trunc", weights=bad))
+
+
+def test_conch_v15_file_of_another_grid_is_resampled_as_its_authors_loader_does(tmp_path, monkeypatch):
+    """A published trunk.pos_embed of a 28 x 28 grid: the authors' loader resamples it to the trunk's 14 x 14
+    (bilinear, no antialias) before loading; ours must give the same feature, not a shape error."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(1)
+    official, pooled, _, (fmt, state), overrides = card("conch_v15")
+    official.eval()
+    wide = torch.randn(1, 1 + 28 * 28, 1024) * 0.02
+    with torch.no_grad():
+        official.trunk.pos_embed.copy_(resample_abs_pos_embed(wide, new_size=(14, 14), num_prefix_tokens=1,
+                                                              interpolation="bilinear", antialias=False))
+    weights = _save({**official.state_dict(), "trunk.pos_embed": wide}, tmp_path, fmt)
+    enc = _ours(monkeypatch, "conch_v15", overrides, weights)
+    x = torch.randn(2, 3, 448, 448)
+    with torch.inference_mode():
+        assert float((enc.model(x) - official(x)).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["conch_v1", "musk"])
+def test_an_extra_without_its_authors_package_is_one_line_naming_what_to_install(name, tmp_path):
+    """CONCH v1 and MUSK need their authors' package (not on PyPI): without it, one error line, exit 2."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from wsi_mil.features.encoders import EXTRAS
+
+    package = EXTRAS[name][1]
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    write_slide(tmp_path / "s.svs", SyntheticSpec(width=600, height=500, mpp=0.5, seed=1))
+    r = subprocess.run([sys.executable, "-m", "wsi_mil.cli", "extract", "--slides", str(tmp_path), "--out",
+                        str(tmp_path / "out"), f"encoder.name={name}"], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and f"'{package}'" in lines[0] and "pip install" in lines[0]

@@ -66,9 +66,9 @@ def effective_tiling(cfg: Config) -> TilingConfig:
     unset = {"patch_size", "target_mpp"} - t.model_fields_set
     if not unset or cfg.encoder.name == EncoderConfig().name:  # the default encoder's tile is the default
         return t
-    from ..features.encoders import PRESETS
+    from ..features.encoders import recipe
 
-    preset = PRESETS.get(cfg.encoder.name)
+    preset = recipe(cfg.encoder.name)
     if preset is None:
         return t
     native = {"patch_size": preset.tile_px, "target_mpp": preset.mpp}

@@ -16,6 +16,7 @@ from torch import nn
 from ...atomic import file_sha256
 from ...config import EncoderConfig
 from ...layout import encoder_id
+from .extras import EXTRAS, build_extra
 from .registry import PRESETS, Preset, Transform
 from .weights import EncoderError, load_into, load_state_dict
 
@@ -118,19 +119,18 @@ def _trunk(cfg: EncoderConfig, preset: Preset | None) -> tuple[nn.Module, str, s
     arch = preset.arch if preset else cfg.name
     kwargs = dict(preset.kwargs) if preset else {}
     prepare = (preset.build if preset and preset.build else (lambda m: m))
-    drop = preset.drop if preset else ()
     if cfg.weights is not None:
         path = Path(cfg.weights)
         state = load_state_dict(path)
         model = prepare(_create(arch, kwargs, pretrained=False))
-        load_into(model, state, cfg.name, f"encoder.weights {path.name}", drop)
+        load_into(model, state, cfg.name, f"encoder.weights {path.name}", preset)
         return model, f"file:{path.resolve()}", file_sha256(path)
     if cfg.pretrained:
         hub = preset.hub if preset else cfg.name
         if hub is None and preset.hub_file:
             path = _hub_download(cfg.name, *preset.hub_file)
             model = prepare(_create(arch, kwargs, pretrained=False))
-            load_into(model, load_state_dict(path), cfg.name, f"hub file {'/'.join(preset.hub_file)}", drop)
+            load_into(model, load_state_dict(path), cfg.name, f"hub file {'/'.join(preset.hub_file)}", preset)
             return model, f"hub:{'/'.join(preset.hub_file)}", file_sha256(path)
         if hub is None:
             raise EncoderError(f"encoder '{cfg.name}': {preset.note}")
@@ -138,23 +138,37 @@ def _trunk(cfg: EncoderConfig, preset: Preset | None) -> tuple[nn.Module, str, s
     return prepare(_random(cfg.name, arch, kwargs)), "random_init", None
 
 
+def recipe(name: str) -> Preset | None:
+    """The authors' recipe of a preset or an optional extra; None for a plain timm name."""
+    return PRESETS.get(name) or (EXTRAS[name][0] if name in EXTRAS else None)
+
+
+def _encoder(cfg: EncoderConfig, preset: Preset, model: nn.Module, source: str, sha: str | None) -> Encoder:
+    model.eval()
+    enc = Encoder(cfg.name, encoder_id(cfg.name), model, preset.input_size, preset.mean, preset.std,
+                  preset.precision, source, sha, transform=preset.transform, preset=preset)
+    enc.dim = feature_dim(model, enc.input_size)
+    return enc
+
+
 def build_encoder(cfg: EncoderConfig) -> Encoder:
     """Build the configured encoder on CPU in eval mode, its weights from a file, the hub, or random."""
     import timm
 
+    if cfg.name in EXTRAS:  # built by its authors' package, with their weights
+        weights = Path(cfg.weights) if cfg.weights is not None else None
+        model = build_extra(cfg.name, weights, cfg.pretrained)
+        source = f"file:{weights.resolve()}" if weights else f"hub:{EXTRAS[cfg.name][1]} package"
+        return _encoder(cfg, EXTRAS[cfg.name][0], model, source, file_sha256(weights) if weights else None)
     preset = PRESETS.get(cfg.name)
     model, source, sha = _trunk(cfg, preset)
-    data_cfg = timm.data.resolve_model_data_config(model)
     if preset:
-        model = POOLS[preset.pool](model)
-        input_size, mean, std, transform = preset.input_size, preset.mean, preset.std, preset.transform
-    else:
-        input_size, transform = int(data_cfg["input_size"][-1]), None
-        mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+        return _encoder(cfg, preset, POOLS[preset.pool](model), source, sha)
+    data_cfg = timm.data.resolve_model_data_config(model)
     model.eval()
-    enc = Encoder(cfg.name, encoder_id(cfg.name), model, input_size, tuple(mean), tuple(std),
-                  preset.precision if preset else "bf16", source, sha, transform=transform, preset=preset)
-    enc.dim = feature_dim(model, input_size)
+    enc = Encoder(cfg.name, encoder_id(cfg.name), model, int(data_cfg["input_size"][-1]), tuple(data_cfg["mean"]),
+                  tuple(data_cfg["std"]), "bf16", source, sha)
+    enc.dim = feature_dim(model, enc.input_size)
     return enc
 
 

@@ -4,7 +4,7 @@ A :class:`Preset` is the timm architecture and keyword arguments, the normalisat
 (the native tile edge and µm/px, then resize / centre crop / interpolation exactly as the official
 transform does them, on PIL images), how the feature is pooled, the weight formats its files are
 published in, and the citation and licence. One file per family registers its presets
-(:mod:`.resnet`, :mod:`.vit`); every registered preset is covered by the conformance test
+(:mod:`.resnet`, :mod:`.vit`, :mod:`.kaiko`, :mod:`.hibou`, :mod:`.conch`); every registered preset is covered by the conformance test
 (tests/test_encoders.py), which builds the official recipe independently and compares.
 """
 
@@ -48,6 +48,7 @@ class Preset:
     hub_file: tuple[str, str] | None = None  # (repo, file) of a published file timm cannot load: converted
     build: Callable[[nn.Module], nn.Module] | None = None  # in place, before weights load (e.g. truncation)
     drop: tuple[str, ...] = ()  # key prefixes of published files the truncation removes
+    adapt: Callable[[nn.Module, dict], dict] | None = None  # the authors' own load-time fix-ups (CONCH v1.5)
     note: str = ""
 
     @property

@@ -7,6 +7,7 @@ import torch
 
 from ...config import EncoderConfig
 from .build import build_encoder
+from .extras import EXTRAS
 from .registry import PRESETS
 
 COLUMNS = ("name", "dim", "native tile", "transform", "pooling", "weight formats", "licence", "hub id (gated)")
@@ -27,6 +28,18 @@ def preset_rows() -> list[tuple[str, ...]]:
     return rows
 
 
+def extra_rows() -> list[tuple[str, ...]]:
+    """The optional extras: their width needs their package, so it is not measured here."""
+    return [(name, p.pooling, f"{p.tile_px} px @ {p.mpp:g} µm/px", p.licence, f"`{install}`")
+            for name, (p, _, install) in sorted(EXTRAS.items())]
+
+
+def markdown_extras() -> str:
+    lines = ["| extra | feature | native tile | licence | needs |", "|---|---|---|---|---|"]
+    lines += [f"| `{r[0]}` | " + " | ".join(r[1:]) + " |" for r in extra_rows()]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table() -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(f"`{c}`" if i in (0, 7) and c != "-" else c for i, c in enumerate(row)) + " |"
@@ -37,4 +50,6 @@ def markdown_table() -> str:
 def text_table() -> str:
     rows = [COLUMNS, *preset_rows()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows) + "\n"
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows) + "\n"
+    extras = "".join(f"  {r[0]}: {r[1]}, {r[2]}; needs {r[4].strip('`')}\n" for r in extra_rows())
+    return table + "\noptional extras (built by their authors' package, not installed by wsi_mil):\n" + extras

@@ -21,6 +21,19 @@ pooling). All take tiles at 20x (0.5 µm/px); the hub repositories are gated (ac
 - Phikon (Filiot et al. 2023; hf owkin/phikon, Owkin non-commercial): iBOT ViT-B/16 published as a
   transformers ViTModel (converted to timm keys on load; LayerNorm eps 1e-12); Resize(224) bilinear;
   ``last_hidden_state[:, 0]``.
+- Virchow2 (class token): the same model, the class token alone (1280-d), as PRISM2 and TRIDENT's
+  ``virchow2-cls`` consume it; its features never share a folder with ``virchow2``'s.
+- H0-mini (Filiot et al., arXiv 2501.16239; hf bioptimus/H0-mini, CC-BY-NC-ND-4.0): ViT-B/14 with 4
+  registers and SwiGLU (the card passes ``SwiGLUPacked`` / ``SiLU`` to timm), distilled from H-optimus-0;
+  the MLP ratio is H-optimus' 2.66667 x 2 (fc1 4096-d), which gives the 86 M parameters the paper states
+  (the hub's timm config carries it; timm's ``vit_base`` default of 4 would give 72 M);
+  timm's data config of the hub (224 px, bicubic, crop 1.0, H-optimus normalisation); the class token
+  concatenated with the mean of the patch tokens after the registers (1536-d), as Bioptimus' SDK
+  specifies (``cls+patch_mean``).
+- Lunit DINO ViT-S/8 (Kang et al., CVPR 2023; timm weights 1aurent/vit_small_patch8_224.lunit_dino,
+  Lunit non-commercial): 224-px tiles, Lunit's normalisation (their benchmark-ssl README); the class token.
+- Prov-GigaPath-Flash (hf prov-gigapath/prov-gigapath-flash): the DINOv2 ViT-S/16 tile encoder with SwiGLU
+  (fc1 2048-d) and LayerScale; GigaPath's transform, Resize(256, bicubic) + CenterCrop(224); the class token.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from torch import nn
 
 from .registry import IMAGENET, Preset, Transform, register
 
+LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 UNI_T = Transform(224, 224, "bilinear")
 
@@ -92,3 +106,30 @@ register(Preset(
     citation="Filiot et al., arXiv 2409.09173 (Phikon-v2)", licence="Owkin non-commercial",
     note="Phikon-v2 DINOv2 ViT-L/16, published as a transformers Dinov2Model (owkin/phikon-v2): its file is "
          "fetched and its keys converted to timm's"))
+register(Preset(
+    "virchow2_cls", "vit_huge_patch14_224", "hf-hub:paige-ai/Virchow2", {**_VIRCHOW, "reg_tokens": 4,
+                                                                        "global_pool": "token"}, *IMAGENET,
+    tile_px=224, transform=Transform(224, 224, "bicubic"), pooling="class token only (1280-d)",
+    citation="Zimmermann et al. 2024 (Virchow2)", licence="CC-BY-NC-ND-4.0",
+    note="Virchow2 ViT-H/14, the class token alone, as slide encoders such as PRISM2 consume it (gated)"))
+register(Preset(
+    "h0_mini", "vit_base_patch14_reg4_dinov2", "hf-hub:bioptimus/H0-mini",
+    {"img_size": 224, "mlp_ratio": 2.66667 * 2, "global_pool": "", "dynamic_img_size": True, "_swiglu": True},
+    *HOPTIMUS,
+    tile_px=224, transform=Transform(224, 224, "bicubic"), pool="cls+mean",
+    pooling="class token + mean of patch tokens (registers left out)",
+    citation="Filiot et al., arXiv 2501.16239 (H0-mini)", licence="CC-BY-NC-ND-4.0",
+    note="H0-mini ViT-B/14 with 4 registers, distilled from H-optimus-0 (gated)"))
+register(Preset(
+    "lunit_vits8", "vit_small_patch8_224", "hf-hub:1aurent/vit_small_patch8_224.lunit_dino",
+    {"img_size": 224, "dynamic_img_size": True}, *LUNIT, tile_px=224, transform=Transform(224, 224, "bicubic"),
+    precision="fp32", citation="Kang et al., CVPR 2023 (Benchmarking self-supervised learning on diverse "
+                               "pathology datasets)", licence="Lunit non-commercial",
+    note="Lunit DINO ViT-S/8 (timm weights)"))
+register(Preset(
+    "gigapath_flash", "vit_small_patch16_224", None,
+    {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 2048 / 384, "dynamic_img_size": True, "_swiglu": True},
+    *IMAGENET, tile_px=256, transform=Transform(256, 224, "bicubic"),
+    hub_file=("prov-gigapath/prov-gigapath-flash", "pytorch_model.bin"),
+    citation="Prov-GigaPath-Flash model card (Xu et al., Nature 2024 family)", licence="see model card",
+    note="Prov-GigaPath-Flash tile encoder ViT-S/16 with SwiGLU (its pytorch_model.bin is fetched; gated)"))

@@ -1,9 +1,11 @@
 """Weight files as their authors publish them, brought to timm's key names, and checked before loading.
 
 Formats (``Preset.formats``): ``timm`` and ``torchvision`` (the same key names), ``clam`` (CLAM's
-ResNet-50 truncated after layer 3: torchvision names without ``layer4``), ``transformers`` (a
-``ViTModel`` such as Phikon's, or a ``Dinov2Model`` such as Phikon-v2's: query/key/value merged into
-timm's ``qkv``, LayerScale ``lambda1`` -> ``gamma``).
+ResNet-50 truncated after layer 3: torchvision names without ``layer4``), ``conch`` (CONCH v1.5's
+``pytorch_model_vision.bin``: ``trunk.*`` and the pooler, its ``pos_embed`` resampled by the preset), ``transformers`` (a
+``ViTModel`` such as Phikon's, a ``Dinov2Model`` such as Phikon-v2's or Midnight's (SwiGLU
+``weights_in/out``), or a DINOv2 with registers such as Hibou's: query/key/value merged into timm's ``qkv``,
+LayerScale ``lambda1`` -> ``gamma``, registers -> ``reg_token``).
 Classifier heads (``fc``, ``head``, ``pooler``, ``classifier``) are dropped, as are the keys a preset's
 truncation removes. A file that still does not fit is one line naming the keys, or the first key whose
 shape differs with both shapes; nothing is loaded half-way.
@@ -57,7 +59,7 @@ _HF_BLOCK = {  # ViTModel (iBOT, Phikon) and Dinov2Model (Phikon-v2) block names
     "attention.output.dense": "attn.proj", "layernorm_before": "norm1", "layernorm_after": "norm2",
     "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
     "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-    "layer_scale1": "ls1", "layer_scale2": "ls2",
+    "layer_scale1": "ls1", "layer_scale2": "ls2", "mlp.weights_in": "mlp.fc1", "mlp.weights_out": "mlp.fc2",
 }
 _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
@@ -73,7 +75,9 @@ _HF_V5 = [  # transformers >= 5 names the same tensors differently; published fi
     (re.compile(r"^layers\.(\d+)\.mlp\.fc1\."), r"encoder.layer.\1.intermediate.dense."),
     (re.compile(r"^layers\.(\d+)\.mlp\.fc2\."), r"encoder.layer.\1.output.dense."),
     (re.compile(r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\."), r"encoder.layer.\1.\2."),
+    (re.compile(r"^(encoder\.layer\.\d+\.mlp)\.down_proj\."), r"\1.weights_out."),
 ]
+_GATE_UP = re.compile(r"^(encoder\.layer\.\d+\.mlp)\.(gate_proj|up_proj)\.(weight|bias)$")
 
 
 def _published_names(key: str) -> str:
@@ -83,12 +87,36 @@ def _published_names(key: str) -> str:
     return key
 
 
+def _merge_gate_up(state: dict) -> dict:
+    """transformers 5 splits DINOv2's SwiGLU ``weights_in`` into ``gate_proj`` and ``up_proj``; the published
+    files (and timm's packed ``fc1``) hold them stacked, the gate first."""
+    out, halves = {}, {}
+    for key, value in state.items():
+        m = _GATE_UP.match(key)
+        if m:
+            halves.setdefault((m[1], m[3]), {})[m[2]] = value
+        else:
+            out[key] = value
+    for (prefix, leaf), pair in halves.items():
+        out[f"{prefix}.weights_in.{leaf}"] = torch.cat([pair["gate_proj"], pair["up_proj"]], 0)
+    return out
+
+
+def _registers(out: dict, registers) -> None:
+    """DINOv2 with registers (transformers, Hibou) adds the position embedding to the class token and inserts
+    the registers after it; timm's ``reg4`` models keep the class token out of ``pos_embed``: fold its
+    position into it."""
+    out["reg_token"] = registers
+    out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+    out["pos_embed"] = out["pos_embed"][:, 1:]
+
+
 def from_transformers_vit(state: dict) -> dict:
     """A transformers ``ViTModel`` or ``Dinov2Model`` state dict (``embeddings.*``, ``encoder.layer.N.*`` as
     published, or transformers 5's renamed keys) in timm's names: query/key/value concatenated into
     ``qkv``, ``layernorm_before/after`` -> ``norm1/2``, ``intermediate``/``output.dense`` -> ``mlp.fc1/2``,
     ``layer_scale1/2.lambda1`` -> ``ls1/2.gamma``; ``mask_token`` and the pooler dropped."""
-    state = {_published_names(k.removeprefix("vit.")): v for k, v in state.items()}
+    state = _merge_gate_up({_published_names(k.removeprefix("vit.")): v for k, v in state.items()})
     out, qkv = {}, {}
     for key, value in state.items():
         if key in _HF_TOP:
@@ -107,6 +135,8 @@ def from_transformers_vit(state: dict) -> dict:
             out[f"blocks.{block}.{_HF_BLOCK[name]}.{'gamma' if leaf == 'lambda1' else leaf}"] = value
     for (block, leaf), parts in qkv.items():
         out[f"blocks.{block}.attn.qkv.{leaf}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+    if "embeddings.register_tokens" in state:
+        _registers(out, state["embeddings.register_tokens"])
     return out
 
 
@@ -140,6 +170,11 @@ def fit(model: nn.Module, state: dict, name: str, source: str) -> dict:
     return state
 
 
-def load_into(model: nn.Module, state: dict, name: str, source: str, drop: tuple[str, ...] = ()) -> None:
+def load_into(model: nn.Module, state: dict, name: str, source: str, preset=None) -> None:
+    """``state`` in timm's names (converted from its format), the preset's truncated keys dropped and its
+    authors' load-time fix-ups applied, loaded strictly after :func:`fit` checked it."""
+    drop = preset.drop if preset else ()
     state = {k: v for k, v in convert(state, detect_format(state)).items() if not k.startswith(drop)}
+    if preset is not None and preset.adapt is not None:
+        state = preset.adapt(model, state)
     model.load_state_dict(fit(model, state, name, source), strict=True)
