@@ -30,14 +30,15 @@ def _bench_patches(cache: Path, n: int):
     return path, coords[:n], spec
 
 
-def naive_extract(path: Path, coords, spec, model, batch: int) -> float:
+def naive_extract(path: Path, coords, spec, encoder, batch: int) -> float:
     """The common baseline: one read_region per patch, PIL + torchvision transforms, batch forward."""
     import openslide
     import torch
     from torchvision import transforms
 
-    tf = transforms.Compose([transforms.Resize(224), transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    size_in, model = encoder.input_size, encoder.model
+    tf = transforms.Compose([transforms.Resize(size_in), transforms.CenterCrop(size_in), transforms.ToTensor(),
+                             transforms.Normalize(encoder.mean, encoder.std)])
     size = spec.patch_size_level
     t0 = time.perf_counter()
     with openslide.OpenSlide(str(path)) as slide, torch.inference_mode():
@@ -56,17 +57,18 @@ def run(opts: Options) -> None:
     from wsi_mil.features.dataset import patch_dataset
     from wsi_mil.features.engine import extract_patches, prepared_encoder
 
-    n = 16 if quick else 256
+    n = opts.patches or (16 if quick else 256)
     path, coords, spec = _bench_patches(cache, n)
     batch, encoder = opts.batch, opts.encoder
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"\n== extract: {encoder} (random init), 224 px, batch {batch}, {len(coords)} patches, {device}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"\n== extract: {encoder} (random init), tiles {spec.patch_size_target} px, batch {batch}, "
+          f"{len(coords)} patches, {device}, {torch.get_num_threads()} threads")
     for prec in ("fp32", "bf16"):
         cfg = load_config(None, [f"encoder.name={encoder}", "encoder.pretrained=false", f"extract.precision={prec}",
                                  f"extract.batch_size={batch}"])
         prep = prepared_encoder(cfg.encoder, cfg.extract)
-        imgs = patch_dataset(path, coords, spec, 224, 8).__getitems__(list(range(len(coords))))["image"]
+        size_in = prep.encoder.input_size  # the model's own input edge (224; 448 for conch_v15)
+        imgs = patch_dataset(path, coords, spec, size_in, 8).__getitems__(list(range(len(coords))))["image"]
 
         def pure(prep=prep, imgs=imgs):
             with torch.inference_mode():
@@ -81,8 +83,8 @@ def run(opts: Options) -> None:
         print(f"  {prec}: (a) pure forward {a:6.1f} patches/s | (b) full extraction {b:6.1f} patches/s | "
               f"b/a = {b / a:.2f}")
         if prec == "fp32" and device == "cpu":
-            model = prep.encoder.model.to(memory_format=torch.contiguous_format)
-            naive = naive_extract(path, coords, spec, model, batch)
+            prep.encoder.model.to(memory_format=torch.contiguous_format)
+            naive = naive_extract(path, coords, spec, prep.encoder, batch)
             prep.encoder.model.to(memory_format=torch.channels_last)
             print(f"  fp32 naive loop (read_region per patch, PIL transforms): {naive:6.1f} patches/s | "
                   f"ours / naive = {b / naive:.2f}")

@@ -13,6 +13,7 @@ class Options:
     quick: bool = False
     encoder: str = "resnet50_trunc"  # extract: preset or timm name
     batch: int = 32  # extract: batch size
+    patches: int = 0  # extract: patches timed (0: 256, or 16 with --quick)
     clam: str = ""  # tile: a CLAM checkout whose create_patches_fp.py is timed on the same slide
     mil_dir: Path = Path("../shared/mil_benchmarks")
     mil_models: tuple[str, ...] = ()  # default: every registered head
@@ -38,6 +39,8 @@ def parser(sections: list[str]) -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="smaller inputs (the smoke run in make test)")
     ap.add_argument("--encoder", default=d.encoder, help="extract section: preset or timm name (e.g. uni)")
     ap.add_argument("--batch", type=int, default=d.batch, help="extract section: batch size")
+    ap.add_argument("--patches", type=int, default=d.patches,
+                    help="extract section: patches timed (default 256; 16 with --quick)")
     ap.add_argument("--clam", default=d.clam, help="tile section: a CLAM checkout whose create_patches_fp.py is "
                     "timed on the same slide (never vendored; needs its imports, e.g. pandas)")
     ap.add_argument("--mil-dir", type=Path, default=d.mil_dir, help="mil section: the classical data sets")
@@ -57,7 +60,8 @@ def parser(sections: list[str]) -> argparse.ArgumentParser:
 
 
 def from_args(args: argparse.Namespace) -> Options:
-    return Options(cache=args.cache, quick=args.quick, encoder=args.encoder, batch=args.batch, clam=args.clam,
+    return Options(cache=args.cache, quick=args.quick, encoder=args.encoder, batch=args.batch,
+                   patches=args.patches, clam=args.clam,
                    mil_dir=args.mil_dir, mil_models=_names(args.mil_models), mil_data=_names(args.mil_data),
                    mil_folds=args.mil_folds, mil_epochs=args.mil_epochs, mil_batch=args.mil_batch,
                    mil_repeats=args.mil_repeats, mil_recipe=args.mil_recipe, mil_set=tuple(args.mil_set))
