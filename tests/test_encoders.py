@@ -65,8 +65,11 @@ class _CardResNet(nn.Module):
         return self.trunk(x).mean((2, 3))
 
 
-def _vit(arch, depth, **kw):
-    return timm.create_model(arch, num_classes=0, **({} if FULL else {"depth": depth}), **kw)
+def _vit(arch, depth, full_depth=None, **kw):
+    """The card's timm model: ``depth`` blocks in make test; at full depth the card's own depth, or the
+    architecture's when the card gives none."""
+    full = {"depth": full_depth} if full_depth else {}
+    return timm.create_model(arch, num_classes=0, **(full if FULL else {"depth": depth}), **kw)
 
 
 def _cls_mean(model, prefix):
@@ -100,7 +103,7 @@ def _card(name: str):
         m = _vit("vit_large_patch16_224", d, img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True)
         return m, m, _tf(224, 224, BILINEAR), ("timm", m.state_dict()), {"depth": d}
     if name == "uni2_h":
-        m = _vit("vit_giant_patch14_224", d, img_size=224, patch_size=14, num_heads=24, init_values=1e-5,
+        m = _vit("vit_giant_patch14_224", d, 24, img_size=224, patch_size=14, num_heads=24, init_values=1e-5,
                  embed_dim=1536, mlp_ratio=2.66667 * 2, no_embed_class=True, reg_tokens=8, dynamic_img_size=True,
                  **_swiglu())
         return m, m, _tf(224, 224, BILINEAR), ("timm", m.state_dict()), {"depth": d}
