@@ -101,7 +101,21 @@ class ModelConfig(Section):
         return self.name.split(",")
 
 
+class SurvivalConfig(Section):
+    loss: Literal["nll", "cox"] = "nll"  # discrete-time NLL (Zadeh & Mahmood 2021) | Cox partial likelihood
+    bins: int = Field(4, ge=1)  # NLL intervals, cut at quantiles of the training fold's uncensored times
+    alpha: float = Field(0.0, ge=0, le=1)  # NLL: weight of the uncensored term
+    time_column: str = "time"
+    event_column: str = "event"  # 1: event observed, 0: censored
+    groups: int = Field(2, ge=2)  # km.png: risk groups at quantiles of the out-of-fold risk (2: median split)
+    monitor: Literal["loss", "c_index"] = "loss"  # early stopping on the validation loss or c-index
+
+
 class TrainConfig(Section):
+    task: str = Field("classification", pattern=r"^[a-z0-9_]+$")  # a registered task (wsi_mil.mil.tasks)
+    survival: SurvivalConfig = Field(default_factory=SurvivalConfig)
+    loss: Literal["mse", "huber"] = "mse"  # regression: on the target standardised on the training fold
+    label_columns: list[str] = Field(default_factory=list)  # multilabel: the 0/1 columns, one output each
     labels: Path | None = None
     features: Path | None = None
     run_name: str = "default"
@@ -235,7 +249,7 @@ def _flow(value: Any) -> str:
 def render_config(cfg: Config) -> str:
     """The effective config as YAML, with default.yaml's comments on every key."""
     values = config_to_dict(cfg)
-    out, section = [], None
+    out, path = [], []  # path: (indent, name) of the sections enclosing the line
     for line in DEFAULT_YAML.read_text(encoding="utf-8").splitlines():
         body, sep, comment = line.partition("  #") if not line.lstrip().startswith("#") else (line, "", "")
         key, colon, rest = body.partition(":")
@@ -243,11 +257,16 @@ def render_config(cfg: Config) -> str:
         if not colon or not name or name.startswith("#"):
             out.append(line)
             continue
-        if not key.startswith(" "):
-            section = name
+        indent = len(key) - len(key.lstrip())
+        path = [(i, n) for i, n in path if i < indent]
+        if not rest.strip():  # a section (or subsection) header
+            path.append((indent, name))
             out.append(line)
             continue
-        value = values.get(section, {}).get(name, None)
+        node = values
+        for _, n in path:
+            node = node.get(n, {})
+        value = node.get(name, None)
         text = f"{key}: {_flow(value)}"
         out.append(f"{text:<26} #{comment}" if sep else text)
     rendered = "\n".join(out) + "\n"

@@ -27,6 +27,8 @@ class CheckpointMeta:
     fold: int = 0
     best_epoch: int = 0
     config: dict | None = None
+    out_dim: int | None = None  # the head's output width; None (older checkpoints): one per class
+    task: dict | None = None  # the fold's task: its name and what it was fitted to (e.g. survival intervals)
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta) -> None:
@@ -58,7 +60,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise WsiMilError(f"checkpoint not found: {path}")
     meta = read_meta(path)
     try:
-        model = build_model(meta.model, meta.feature_dim, len(meta.label_map))  # name + kwargs from the metadata
+        width = meta.out_dim or len(meta.label_map)
+        model = build_model(meta.model, meta.feature_dim, width)  # name + kwargs from the metadata
         model.load_state_dict(load_file(str(path), device=str(device)))
     except WsiMilError:
         raise

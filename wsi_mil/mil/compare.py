@@ -18,7 +18,16 @@ from ..errors import WsiMilError
 from ..userfiles import read_json
 from .ensemble import RUN_MARKER, model_files
 
-METRICS = ("auroc", "balanced_accuracy", "macro_f1")
+METRICS = {  # per task, its main metric first: the one runs are ranked and paired-tested on
+    "classification": ("auroc", "balanced_accuracy", "macro_f1"),
+    "survival": ("c_index", "c_index_uno", "mean_td_auc"),
+    "regression": ("r2", "mae", "rmse", "pearson", "spearman"),
+    "multilabel": ("macro_auroc",),
+}
+TITLES = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
+          "c_index": "c-index (Harrell)", "c_index_uno": "c-index (Uno)", "mean_td_auc": "mean td-AUC",
+          "r2": "R²", "mae": "MAE", "rmse": "RMSE", "pearson": "Pearson r", "spearman": "Spearman ρ",
+          "macro_auroc": "macro AUROC"}
 
 
 def _load(run: Path) -> dict:
@@ -32,7 +41,15 @@ def _load(run: Path) -> dict:
     if not isinstance(summary, dict) or not summary.get("folds"):
         raise WsiMilError(f"{run}: no test folds to compare (train with train.folds >= 2)")
     splits = (run / "splits.csv").read_text() if (run / "splits.csv").is_file() else None
-    return {"run": run.name, "model": summary.get("model", "?"), "folds": summary["folds"], "splits": splits}
+    return {"run": run.name, "model": summary.get("model", "?"), "folds": summary["folds"], "splits": splits,
+            "task": summary.get("task", "classification")}
+
+
+def _metrics(loaded: list[dict]) -> tuple[str, ...]:
+    tasks = sorted({item["task"] for item in loaded})
+    if len(tasks) > 1:
+        raise WsiMilError(f"compare: the runs answer different tasks ({', '.join(tasks)}); compare runs of one task")
+    return METRICS.get(tasks[0], METRICS["classification"])
 
 
 def _paired_p(a: list[float], b: list[float]) -> float:
@@ -46,36 +63,39 @@ def _paired_p(a: list[float], b: list[float]) -> float:
 
 def compare(runs: list[Path], loaded: list[dict] | None = None) -> list[dict]:
     loaded = loaded or [_load(r) for r in runs]
+    metrics = _metrics(loaded)
+    main = metrics[0]
     rows = []
     for item in loaded:
         row = {"run": item["run"], "model": item["model"], "n_folds": len(item["folds"])}
-        for m in METRICS:
-            vals = np.array([f[m] for f in item["folds"]], float)
+        for m in metrics:
+            vals = np.array([f.get(m, math.nan) for f in item["folds"]], float)
             row[f"{m}_mean"], row[f"{m}_std"] = float(np.nanmean(vals)), float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
         rows.append(row)
-    best = max(range(len(rows)), key=lambda i: rows[i]["auroc_mean"])
+    best = max(range(len(rows)), key=lambda i: np.nan_to_num(rows[i][f"{main}_mean"], nan=-np.inf))
     ref = loaded[best]
     for row, item in zip(rows, loaded):
         # paired only on folds known to hold the same slides: both runs' splits.csv present and equal
         same = (item["splits"] is not None and item["splits"] == ref["splits"]
                 and len(item["folds"]) == len(ref["folds"]))
         row["best"] = row is rows[best]
-        row["p_vs_best"] = (_paired_p([f["auroc"] for f in item["folds"]], [f["auroc"] for f in ref["folds"]])
+        row["p_vs_best"] = (_paired_p([f[main] for f in item["folds"]], [f[main] for f in ref["folds"]])
                             if same else math.nan)
     return rows
 
 
-def _markdown(rows: list[dict]) -> str:
-    lines = ["| model | run | folds | AUROC | balanced accuracy | macro F1 | paired t-test p vs best (AUROC) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: -r["auroc_mean"]):
-        cells = [f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in METRICS]
+def _markdown(rows: list[dict], metrics: tuple[str, ...]) -> str:
+    heads = [TITLES.get(m, m) for m in metrics]
+    lines = ["| model | run | folds | " + " | ".join(heads) + f" | paired t-test p vs best ({heads[0]}) |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    for r in sorted(rows, key=lambda r: -np.nan_to_num(r[f"{metrics[0]}_mean"], nan=-np.inf)):
+        cells = [f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in metrics]
         p = "best" if r["best"] else ("n/a (other folds)" if math.isnan(r["p_vs_best"]) else f"{r['p_vs_best']:.3g}")
         lines.append(f"| {r['model']} | {r['run']} | {r['n_folds']} | " + " | ".join(cells) + f" | {p} |")
     return "\n".join(lines) + "\n"
 
 
-def _figure(loaded: list[dict], path: Path) -> None:
+def _figure(loaded: list[dict], path: Path, metric: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,9 +103,9 @@ def _figure(loaded: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for item in loaded:
-        ax.plot([f["fold"] for f in item["folds"]], [f["auroc"] for f in item["folds"]], "o-", label=item["model"])
+        ax.plot([f["fold"] for f in item["folds"]], [f[metric] for f in item["folds"]], "o-", label=item["model"])
     ax.set_xlabel("fold")
-    ax.set_ylabel("test AUROC")
+    ax.set_ylabel(f"test {TITLES.get(metric, metric)}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -96,7 +116,8 @@ def _figure(loaded: list[dict], path: Path) -> None:
 def write_comparison(runs: list[Path], out_dir: Path) -> list[dict]:
     loaded = [_load(r) for r in runs]
     rows = compare(runs, loaded)
+    metrics = _metrics(loaded)
     write_csv(out_dir / "comparison.csv", rows)
-    write_text(out_dir / "comparison.md", _markdown(rows))
-    _figure(loaded, out_dir / "comparison.png")
+    write_text(out_dir / "comparison.md", _markdown(rows, metrics))
+    _figure(loaded, out_dir / "comparison.png", metrics[0])
     return rows

@@ -33,6 +33,20 @@ class Bag:
     split: str | None = None
     path: Path | None = None
     n_instances: int = 0
+    time: float | None = None  # survival: follow-up time ...
+    event: int | None = None  # ... and 1 (event) / 0 (censored); ``label`` is then the interval
+    value: float | None = None  # regression: the numeric target
+    values: tuple[int, ...] | None = None  # multi-label: one 0/1 per target
+
+    @property
+    def target(self):
+        """What the loss compares with: the class, (interval, time, event) for survival, the value for
+        regression, or the 0/1 tuple for multi-label."""
+        if self.time is not None:
+            return (self.label, self.time, self.event)
+        if self.value is not None:
+            return float(self.value)
+        return self.values if self.values is not None else self.label
 
 
 @dataclass
@@ -46,34 +60,38 @@ class BagSet:
     no_patches: list[str] = field(default_factory=list)  # labelled, but 0 patches: no bag, no prediction
 
 
-def read_labels(path: str | Path, split_column: str | None = None, fold_case: bool = False) -> list[dict]:
-    """Rows of a labels CSV (slide_id, label[, patient_id][, split_column]), checked.
+def read_labels(path: str | Path, split_column: str | None = None, fold_case: bool = False,
+                columns: tuple[str, ...] = ("label",)) -> list[dict]:
+    """Rows of a labels CSV (slide_id, the task's ``columns``[, patient_id][, split_column]), checked.
 
     Ids and labels are stripped of surrounding spaces. An empty slide_id or label (a short row too) is an
     error naming its line. Labels that differ only in case (``Tumour``/``tumour``) are an error naming
     them, unless ``fold_case`` (``train.fold_label_case``): then each takes the spelling most rows use.
+    Survival columns are checked by :func:`wsi_mil.mil.survival.survival_labels`.
     """
     path = Path(path)
     if not path.is_file():
         raise WsiMilError(f"train.labels: file not found: {path}")
     rows = read_csv_rows(path, "train.labels")
-    if not rows or not {"slide_id", "label"} <= set(rows[0]):
-        raise WsiMilError(f"{path.name}: labels CSV needs columns slide_id,label")
+    if not rows or not {"slide_id", *columns} <= set(rows[0]):
+        raise WsiMilError(f"{path.name}: labels CSV needs columns slide_id,{','.join(columns)}")
     if split_column and split_column not in rows[0]:
         raise WsiMilError(f"{path.name}: no column '{split_column}' (train.split_column)")
     seen = set()
+    required = ("slide_id", "label") if "label" in columns else ("slide_id",)
     for line, r in enumerate(rows, start=2):  # line 1 is the header
-        for key in ("slide_id", "label", "patient_id"):
+        for key in ("slide_id", "patient_id", *columns):
             if isinstance(r.get(key), str):
                 r[key] = r[key].strip()
-        if not r.get("slide_id") or not r.get("label"):
-            missing = "slide_id" if not r.get("slide_id") else "label"
+        missing = next((key for key in required if not r.get(key)), None)
+        if missing:
             raise WsiMilError(f"{path.name} line {line}: empty {missing} (row {list(r.values())[:3]}); "
                               f"fill it in or delete the row")
         if r["slide_id"] in seen:
             raise WsiMilError(f"{path.name}: slide_id '{r['slide_id']}' appears twice")
         seen.add(r["slide_id"])
-    _check_label_case(rows, path.name, fold_case)
+    if "label" in columns:
+        _check_label_case(rows, path.name, fold_case)
     return rows
 
 
@@ -165,11 +183,12 @@ class BagDataset(torch.utils.data.Dataset):
         if self.max_instances is not None and len(f) > self.max_instances:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 10_007 + i) % 2**63)
             f = f[torch.randperm(len(f), generator=g)[: self.max_instances]]
-        return f, self.bags[i].label
+        return f, self.bags[i].target
 
 
-def pad_batch(items: list[tuple[torch.Tensor, int]], dtype: torch.dtype = torch.float32):
-    """``[(features (N_i, D), label), ...]`` -> x (B, N_max, D), mask (B, N_max), y (B,)."""
+def pad_batch(items: list[tuple[torch.Tensor, object]], dtype: torch.dtype = torch.float32):
+    """``[(features (N_i, D), target), ...]`` -> x (B, N_max, D), mask (B, N_max), y: (B,) class indices, or
+    (B, 3) float (interval, time, event) for survival."""
     n_max = max(1, max(len(f) for f, _ in items))
     dim = items[0][0].shape[1]
     x = torch.zeros(len(items), n_max, dim, dtype=dtype)
@@ -177,18 +196,27 @@ def pad_batch(items: list[tuple[torch.Tensor, int]], dtype: torch.dtype = torch.
     for i, (f, _) in enumerate(items):
         x[i, :len(f)] = f
         mask[i, :len(f)] = True
-    return x, mask, torch.tensor([label for _, label in items], dtype=torch.long)
+    targets = [t for _, t in items]
+    if isinstance(targets[0], (tuple, float)):  # survival, multi-label, regression
+        return x, mask, torch.tensor(targets, dtype=torch.float32)
+    return x, mask, torch.tensor(targets, dtype=torch.long)
 
 
 def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str = "skip",
                 split_column: str | None = None, label_map: dict[str, int] | None = None,
-                fold_case: bool = False) -> BagSet:
+                fold_case: bool = False, columns: tuple[str, ...] = ("label",), parse=None) -> BagSet:
     """Every labelled bag, by file (features are read later, through a :class:`BagCache`). Slides with no
-    features and features with no label are listed; with ``missing='error'`` either is an error."""
+    features and features with no label are listed; with ``missing='error'`` either is an error.
+    ``columns`` are the task's label columns; ``parse(rows, csv name)`` (tasks other than classification)
+    checks them and gives each row's :class:`Bag` target fields (survival's time and event, ...)."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise WsiMilError(f"features folder not found: {features_dir} (run 'wsi-mil extract' or set train.features)")
-    rows = read_labels(labels_csv, split_column, fold_case)
+    rows = read_labels(labels_csv, split_column, fold_case, columns)
+    if parse is not None:
+        for r, fields in zip(rows, parse(rows, Path(labels_csv).name)):
+            r["label"], r["_target"] = "0", fields
+        label_map = {"0": 0}
     files = slide_files(features_dir)
     no_features = [r["slide_id"] for r in rows if r["slide_id"] not in files]
     labelled = {r["slide_id"] for r in rows}
@@ -215,7 +243,7 @@ def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str =
             empty.append(r["slide_id"])
             continue
         bags.append(Bag(r["slide_id"], None, label_map[label], r.get("patient_id") or r["slide_id"],
-                        r.get(split_column) if split_column else None, path, n))
+                        r.get(split_column) if split_column else None, path, n, **r.get("_target", {})))
     if len(dims) > 1:
         raise WsiMilError(f"feature files disagree on (dim, encoder): {json.dumps({str(k): v[:3] for k, v in dims.items()})}")
     (dim, enc), = dims

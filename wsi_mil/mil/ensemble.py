@@ -138,6 +138,11 @@ class Ensemble:
         loaded = [load_checkpoint(p, self.device) for p in self.ref.files]
         self.models = [m for m, _ in loaded]
         self.meta: CheckpointMeta = loaded[0][1]
+        task = ((self.meta.config or {}).get("train") or {}).get("task", "classification")
+        if task != "classification":
+            raise WsiMilError(f"model {self.path.name} is a {task} run: predict, heatmap and the viewer read "
+                              f"classification runs only so far (its out-of-fold predictions are in the run's "
+                              f"predictions.csv)")
         self.classes = sorted(self.meta.label_map, key=self.meta.label_map.get)
         self.per_class = bool(getattr(self.models[0], "per_class", False))
 

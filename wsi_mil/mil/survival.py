@@ -34,7 +34,8 @@ class SurvivalLabel:
     event: int  # 1: the event was observed; 0: censored at ``time``
 
 
-def _rows_text(lines: list[int]) -> str:
+def lines_text(lines: list[int]) -> str:
+    """CSV line numbers as an error shows them: the first five, then how many more."""
     return ", ".join(str(n) for n in lines[:5]) + (f" (+{len(lines) - 5} more)" if len(lines) > 5 else "")
 
 
@@ -56,10 +57,10 @@ def survival_labels(rows: list[dict], name: str, time_column: str = "time",
         out.append(SurvivalLabel(t if t is not None else math.nan, int(float(e)) if e in ("0", "1", "0.0", "1.0")
                                  else -1))
     if bad_time:
-        raise WsiMilError(f"{name}: {time_column} missing, not a number or negative on line(s) {_rows_text(bad_time)}")
+        raise WsiMilError(f"{name}: {time_column} missing, not a number or negative on line(s) {lines_text(bad_time)}")
     if bad_event:
         raise WsiMilError(f"{name}: {event_column} must be 0 (censored) or 1 (event) on line(s) "
-                          f"{_rows_text(bad_event)}")
+                          f"{lines_text(bad_event)}")
     return out
 
 
@@ -204,3 +205,50 @@ def survival_loss(kind: str, logits: torch.Tensor, interval: torch.Tensor, time:
 
 __all__ = ["SurvivalLabel", "cox_loss", "interval_edges", "interval_of", "nll_loss", "risk_from_curves",
            "survival_curves", "survival_labels", "survival_loss", "survival_metrics"]
+
+
+def risk_groups(risk: np.ndarray, groups: int = 2) -> np.ndarray:
+    """Group index 0..groups-1 by quantiles of the risk (0: lowest risk); 2 groups: the median split."""
+    cuts = np.quantile(risk, np.linspace(0, 1, groups + 1)[1:-1])
+    return np.searchsorted(cuts, risk, side="right")
+
+
+def logrank_p(time: np.ndarray, event: np.ndarray, group: np.ndarray) -> float:
+    """The log-rank test's p-value across the groups (scikit-survival's ``compare_survival``); NaN when it
+    cannot be computed (one group, no event)."""
+    from sksurv.compare import compare_survival
+
+    if len(np.unique(group)) < 2 or not np.asarray(event).any():
+        return math.nan
+    value = _try(lambda: compare_survival(_structured(time, event), group)[1])
+    return _float(value)
+
+
+def plot_km(time: np.ndarray, event: np.ndarray, risk: np.ndarray, groups: int, path, title: str = "") -> float:
+    """Kaplan-Meier curves of the risk groups (scikit-survival's estimator) with the log-rank p-value,
+    written to ``path`` atomically; returns the p-value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    from ..atomic import atomic_path
+
+    group = risk_groups(risk, groups)
+    p = logrank_p(time, event, group)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g in np.unique(group):
+        sel = group == g
+        t, s = kaplan_meier_estimator(np.asarray(event)[sel].astype(bool), np.asarray(time, float)[sel])
+        ax.step(t, s, where="post", label=f"risk group {g + 1} of {groups} (n={int(sel.sum())})")
+    ax.set_xlabel("time")
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{title}log-rank p = {p:.3g}" if math.isfinite(p) else f"{title}log-rank p: n/a", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return p

@@ -68,12 +68,15 @@ def autocast(device: torch.device, enabled: bool = True):
 
 @torch.no_grad()
 def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 1, device="cpu",
-                 cache: BagCache | None = None, amp: bool = True) -> tuple[np.ndarray, float]:
-    """Class probabilities (n, C) and the mean bag cross-entropy (nan for no bags)."""
+                 cache: BagCache | None = None, amp: bool = True, task=None) -> tuple[np.ndarray, float]:
+    """Class probabilities (n, C) and the mean bag cross-entropy (nan for no bags); with a ``task`` other
+    than classification, its outputs (n, K) and its bag loss over all the bags at once (Cox compares them)."""
     device = torch.device(device)
     model.eval()
     cache = cache or BagCache(0)
     ds = BagDataset(bags, cache)
+    if task is not None and not task.uses_class_weight:
+        return _task_outputs(model, ds, batch_size, device, amp, task)
     probs, losses = [], []
     for i in range(0, len(bags), batch_size):
         x, mask, y = pad_batch([ds[j] for j in range(i, min(i + batch_size, len(bags)))])
@@ -86,15 +89,33 @@ def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 1, device=
     return p, (sum(losses) / len(bags)) if losses and len(bags) else math.nan
 
 
+def _task_outputs(model, ds: BagDataset, batch_size: int, device, amp: bool, task) -> tuple[np.ndarray, float]:
+    logits, targets = [], []
+    for i in range(0, len(ds), batch_size):
+        x, mask, y = pad_batch([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+        with autocast(device, amp):
+            logits.append(model(x.to(device), mask.to(device)).logits.float().cpu())
+        targets.append(y)
+    if not logits:
+        return np.zeros((0, 0)), math.nan
+    z, y = torch.cat(logits), torch.cat(targets)
+    return task.outputs(z).numpy(), float(task.bag_loss(z, y))
+
+
 def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: ModelConfig, tcfg: TrainConfig,
-        seed: int, device="cpu", progress: bool = False, cache: BagCache | None = None) -> FitResult:
+        seed: int, device="cpu", progress: bool = False, cache: BagCache | None = None, task=None) -> FitResult:
+    """Fit one head. ``task`` (:mod:`wsi_mil.mil.tasks`) other than classification gives the output width
+    (``n_classes`` is then ignored) and the bag loss; class weights and balanced sampling are for classes."""
     device = torch.device(device)
     gen = seed_everything(seed)
-    model = build_model(mcfg, in_dim, n_classes).to(device)
+    by_class = task is None or task.uses_class_weight
+    model = build_model(mcfg, in_dim, n_classes if by_class else task.out_dim()).to(device)
     opt_cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas))
     labels = np.array([b.label for b in train])
-    weight = class_weights(labels, n_classes).to(device) if tcfg.balance == "weighted_loss" else None
+    balance = tcfg.balance if by_class else "none"
+    weight = class_weights(labels, n_classes).to(device) if balance == "weighted_loss" else None
+    bag_loss = None if by_class else task.bag_loss
     workers = tcfg.num_workers
     cache = cache or BagCache.from_config(tcfg, share=max(1, workers))
     sampler = _EpochOrder()
@@ -108,13 +129,13 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
     for epoch in epochs:
         t0 = time.perf_counter()
         model.train()
-        sampler.order, sampler.epoch = _order(labels, tcfg.balance, gen, n_classes).tolist(), epoch
+        sampler.order, sampler.epoch = _order(labels, balance, gen, n_classes).tolist(), epoch
         total, seen = 0.0, 0
         for x, mask, y in loader:
             x, mask, y = x.to(device, non_blocking=True), mask.to(device), y.to(device)
             with autocast(device, tcfg.amp):
                 out = model(x, mask)
-            loss = model.compute_loss(out, y, weight)["loss"]
+            loss = model.compute_loss(out, y, weight, bag_loss)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -122,9 +143,11 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
             seen += len(y)
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "seconds": time.perf_counter() - t0}
         if val:
-            _, row["val_loss"] = predict_bags(model, val, device=device, cache=cache, amp=tcfg.amp)
+            outs, row["val_loss"] = predict_bags(model, val, device=device, cache=cache, amp=tcfg.amp, task=task)
+            if task is not None:
+                row.update(task.val_metrics(val, outs))
         history.append(row)
-        monitor = row.get("val_loss", row["train_loss"]) if val else -epoch  # no val: keep the last epoch
+        monitor = (task.monitor(row) if task is not None else row["val_loss"]) if val else -epoch  # no val: the last
         if monitor < best[0] - 1e-6:
             best, stale = (monitor, epoch, copy.deepcopy(model.state_dict())), 0
         else:

@@ -27,9 +27,10 @@ from ..layout import Layout, encoder_id
 from ..mil.checkpoint import CheckpointMeta, save_checkpoint
 from ..mil.data import BagCache, BagSet, load_bagset
 from ..mil.ensemble import write_run_summary
-from ..mil.metrics import classification_metrics, mean_std
+from ..mil.metrics import mean_std
 from ..mil.models import build_model
 from ..mil.splits import fixed_split, kfold_splits
+from ..mil.tasks import Task, check_finite, task_class
 from ..mil.train import fit, predict_bags
 
 
@@ -59,65 +60,86 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def make_task(data: BagSet, cfg: Config) -> Task:
+    return task_class(cfg.train.task)(data.label_map, cfg.train)
+
+
+def _fold(task: Task, bags: list, idx: tuple, fold: int, data: BagSet, cfg: Config, out_dir: Path, ctx: dict):
+    """Fit one fold and save its checkpoint; returns (fold task, fold bags, fit result)."""
+    tr, va, _ = idx
+    ftask = task.for_fold([bags[i] for i in tr])
+    fbags = ftask.fold_bags(bags)
+    res = fit([fbags[i] for i in tr], [fbags[i] for i in va], data.feature_dim, len(data.label_map), cfg.model,
+              cfg.train, seed=cfg.train.seed + fold, device=ctx["device"], progress=ctx["progress"],
+              cache=ctx["cache"], task=ftask)
+    meta = CheckpointMeta(config_to_dict(cfg.model), data.label_map, data.feature_dim, data.encoder_id,
+                          fold, res.best_epoch, config_to_dict(cfg), ftask.out_dim(), ftask.describe())
+    save_checkpoint(out_dir / f"fold_{fold}.safetensors", res.model, meta)
+    return ftask, fbags, res
+
+
 def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False, cache: BagCache | None = None) -> dict:
     """Train every fold and write every output into ``out_dir`` (summary.json last); return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    bags = data.bags
-    y = np.array([b.label for b in bags])
+    task, bags, t = make_task(data, cfg), data.bags, cfg.train
     groups = np.array([b.patient_id for b in bags])
-    t = cfg.train
     splits = (fixed_split([b.split for b in bags]) if t.split_column
-              else kfold_splits(y, groups, t.folds, t.val_fraction, t.seed))
-    classes = sorted(data.label_map, key=data.label_map.get)
-    device = pick_device(t.device)
-    cache = cache or BagCache.from_config(t, share=max(1, t.num_workers))
+              else kfold_splits(task.strata(bags), groups, t.folds, t.val_fraction, t.seed))
+    ctx = {"device": pick_device(t.device), "progress": progress,
+           "cache": cache or BagCache.from_config(t, share=max(1, t.num_workers))}
     split_rows, history, fold_metrics, fold_files, fold_sha = [], [], [], [], []
-    oof = np.full((len(bags), len(classes)), np.nan)
+    oof: list[np.ndarray | None] = [None] * len(bags)
     fold_of = np.full(len(bags), -1)
-    for fold, (tr, va, te) in enumerate(splits):
-        for name, idx in (("train", tr), ("val", va), ("test", te)):
-            split_rows += [{"slide_id": bags[i].slide_id, "patient_id": bags[i].patient_id,
-                            "label": classes[bags[i].label], "fold": fold, "split": name} for i in idx]
-        res = fit([bags[i] for i in tr], [bags[i] for i in va], data.feature_dim, len(classes), cfg.model, t,
-                  seed=t.seed + fold, device=device, progress=progress, cache=cache)
+    for fold, idx in enumerate(splits):
+        for name, members in zip(("train", "val", "test"), idx):
+            split_rows += [{"slide_id": bags[i].slide_id, "patient_id": bags[i].patient_id, **task.truth(bags[i]),
+                            "fold": fold, "split": name} for i in members]
+        ftask, fbags, res = _fold(task, bags, idx, fold, data, cfg, out_dir, ctx)
         history += [{"fold": fold, **h} for h in res.history]
-        meta = CheckpointMeta(config_to_dict(cfg.model), data.label_map, data.feature_dim, data.encoder_id,
-                              fold, res.best_epoch, config_to_dict(cfg))
-        save_checkpoint(out_dir / f"fold_{fold}.safetensors", res.model, meta)
         fold_files.append(f"fold_{fold}.safetensors")
         fold_sha.append(file_sha256(out_dir / f"fold_{fold}.safetensors"))
+        te = idx[2]
         if len(te):
-            probs, _ = predict_bags(res.model, [bags[i] for i in te], device=device, cache=cache, amp=t.amp)
-            oof[te], fold_of[te] = probs, fold
-            fold_metrics.append({"fold": fold, "best_epoch": res.best_epoch,
-                                 **classification_metrics(y[te], probs, classes)})
+            outputs, _ = predict_bags(res.model, [fbags[i] for i in te], device=ctx["device"], cache=ctx["cache"],
+                                      amp=t.amp, task=ftask)
+            check_finite(outputs, f"fold {fold}")
+            for i, row in zip(te, outputs):
+                oof[i], fold_of[i] = row, fold
+            fold_metrics.append({"fold": fold, "best_epoch": res.best_epoch, **ftask.describe(),
+                                 **ftask.metrics([bags[i] for i in te], outputs, [bags[i] for i in idx[0]])})
     write_csv(out_dir / "splits.csv", split_rows)
-    pred_rows = []
-    for i, b in enumerate(bags):
-        row = {"slide_id": b.slide_id, "patient_id": b.patient_id, "label": classes[b.label],
-               "fold": int(fold_of[i])}
-        row.update({f"prob_{c}": ("" if np.isnan(oof[i, k]) else f"{oof[i, k]:.6f}") for k, c in enumerate(classes)})
-        row["pred"] = "" if np.isnan(oof[i]).any() else classes[int(np.nanargmax(oof[i]))]
-        pred_rows.append(row)
-    for sid in data.no_patches:  # in the cohort, but no bag: no prediction, as in predict
-        pred_rows.append({"slide_id": sid, "fold": -1, "note": "0 patches (no tissue): no prediction"})
-    write_csv(out_dir / "predictions.csv", pred_rows,
-              ["slide_id", "patient_id", "label", "fold", *(f"prob_{c}" for c in classes), "pred", "note"])
+    _write_predictions(out_dir, task, bags, oof, fold_of, data)
+    plots = task.write_plots(out_dir, bags, oof)
     write_csv(out_dir / "history.csv", history)
     _plot_curves(history, out_dir / "curves.png")
     write_text(out_dir / "label_map.json", json.dumps(data.label_map, indent=1))
     write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tested = ~np.isnan(oof).any(1)
+    tested = [i for i, o in enumerate(oof) if o is not None]
     summary = {
-        "run": cfg.train.run_name, "model": cfg.model.name, "fold_files": fold_files, "fold_sha256": fold_sha, "encoder_id": data.encoder_id,
-        "feature_dim": data.feature_dim, "classes": classes, "n_slides": len(bags), "n_folds": len(splits),
+        "run": cfg.train.run_name, "model": cfg.model.name, "task": task.name, "main_metric": task.main_metric,
+        "fold_files": fold_files, "fold_sha256": fold_sha, "encoder_id": data.encoder_id,
+        "feature_dim": data.feature_dim, **_classes(task), "n_slides": len(bags), "n_folds": len(splits),
         "folds": fold_metrics,
-        "mean_std": mean_std(fold_metrics) if fold_metrics else {},
-        "pooled_out_of_fold": classification_metrics(y[tested], oof[tested], classes) if tested.any() else {},
+        "mean_std": mean_std(fold_metrics, task.fold_keys) if fold_metrics else {},
+        "pooled_out_of_fold": {**(task.pooled_metrics([bags[i] for i in tested], [oof[i] for i in tested], bags)
+                                  if tested else {}), **plots},
         "skipped": {"no_features": data.no_features, "no_label": data.no_label, "no_patches": data.no_patches},
     }
     write_run_summary(out_dir, summary)  # last: it marks the run complete
     return summary
+
+
+def _classes(task: Task) -> dict:
+    return {"classes": task.classes} if hasattr(task, "classes") else {}
+
+
+def _write_predictions(out_dir: Path, task: Task, bags: list, oof: list, fold_of: np.ndarray, data: BagSet) -> None:
+    rows = [{"slide_id": b.slide_id, "patient_id": b.patient_id, "fold": int(fold_of[i]), **task.prediction(b, oof[i])}
+            for i, b in enumerate(bags)]
+    for sid in data.no_patches:  # in the cohort, but no bag: no prediction, as in predict
+        rows.append({"slide_id": sid, "fold": -1, "note": "0 patches (no tissue): no prediction"})
+    write_csv(out_dir / "predictions.csv", rows,
+              ["slide_id", "patient_id", *task.truth_columns(), "fold", *task.output_columns(), "note"])
 
 
 def check_bags(data: BagSet, cache: BagCache, progress: bool = False) -> None:
@@ -149,8 +171,11 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
         build_model(cfg.model.model_copy(update={"name": name}), 1, 2)
     if cfg.train.labels is None:
         raise WsiMilError("train.labels is required: a CSV with slide_id,label[,patient_id] (e.g. train.labels=labels.csv)")
+    task_class(cfg.train.task)({}, cfg.train)  # an unknown task or a bad task setting is one line now
+    kind = task_class(cfg.train.task)
     data = load_bagset(features_dir(layout, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column,
-                       fold_case=cfg.train.fold_label_case)
+                       fold_case=cfg.train.fold_label_case, columns=kind.label_columns(cfg.train),
+                       parse=kind.parse_labels(cfg.train))
     for what, ids in (("labelled slides without features", data.no_features),
                       ("feature files without a label", data.no_label),
                       ("labelled slides with 0 patches (no prediction)", data.no_patches)):
@@ -165,8 +190,10 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
         final = layout.run_dir(run)
         with atomic_path(final) as tmp:
             summary = train_cv(data, one, tmp, progress=progress, cache=cache)
-        ms = summary["mean_std"].get("auroc")
-        auroc = (f"AUROC {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms
+        key = summary["main_metric"]
+        ms = summary["mean_std"].get(key)
+        shown = {"auroc": "AUROC", "c_index": "c-index", "r2": "R²", "macro_auroc": "macro AUROC"}.get(key, key)
+        score = (f"{shown} {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms
                  else "no test folds")
-        print(f"train: {len(data.bags)} slides, {model_name} on {data.encoder_id} features; {auroc}; -> {final}")
+        print(f"train: {len(data.bags)} slides, {model_name} on {data.encoder_id} features; {score}; -> {final}")
     return summary, final

@@ -8,8 +8,10 @@
   softmax and never rank;
 - ``aux``: anything else a head's loss needs (e.g. CLAM's instance logits).
 
-``compute_loss(output, target, class_weight=None) -> dict`` returns named losses and their weighted total
-under ``"loss"``. Auxiliary losses live in the head's own file; the training loop stays generic.
+``compute_loss(output, target, class_weight=None, bag_loss=None) -> dict`` returns named losses and their
+weighted total under ``"loss"``. The bag term is the task's ``bag_loss(logits, target)`` (survival's NLL or
+Cox, :mod:`wsi_mil.mil.tasks`), or cross-entropy for classification. Auxiliary losses live in the head's
+own file; the training loop stays generic.
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ class MILModel(nn.Module):
     per_class: bool = False  # instance_scores is [B, C, N]
     localises: bool = True  # its instance scores are claimed to find the instances behind the label (tested)
 
-    def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None) -> dict:
-        bag = F.cross_entropy(output.logits.float(), target, weight=class_weight)
+    def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None,
+                     bag_loss=None) -> dict:
+        bag = bag_term(output.logits, target, class_weight, bag_loss)
         return {"bag": bag, "loss": bag}
+
+
+def bag_term(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None = None,
+             bag_loss=None) -> torch.Tensor:
+    """The bag loss: the task's ``bag_loss``, or (classification) cross-entropy with ``class_weight``."""
+    if bag_loss is not None:
+        return bag_loss(logits, target)
+    return F.cross_entropy(logits.float(), target, weight=class_weight)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from .base import GatedAttention, MILModel, MILOutput, embed, masked_softmax, neg_inf_outside
+from .base import GatedAttention, MILModel, MILOutput, bag_term, embed, masked_softmax, neg_inf_outside
 from .registry import AttentionOptions, register
 
 
@@ -96,8 +96,13 @@ class CLAM(MILModel):
                 losses.append(self._instance_loss(self.instance_classifiers[c](hb[idx]).float(), labels))
         return torch.stack(losses).mean() if losses else h.sum() * 0.0
 
-    def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None) -> dict:
-        bag = F.cross_entropy(output.logits.float(), target, weight=class_weight)
+    def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None,
+                     bag_loss=None) -> dict:
+        """Under a task other than classification (``bag_loss`` given) the instance-clustering term has no
+        class to pick the in-class branch with: it is off, and the loss is the task's bag loss alone."""
+        bag = bag_term(output.logits, target, class_weight, bag_loss)
+        if bag_loss is not None:
+            return {"bag": bag, "loss": bag}
         inst = self.clustering_loss(output.aux, target)
         return {"bag": bag, "instance": inst, "loss": self.bag_weight * bag + (1 - self.bag_weight) * inst}
 

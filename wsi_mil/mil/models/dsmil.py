@@ -19,9 +19,8 @@ import math
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn import functional as F
 
-from .base import MILModel, MILOutput, embed, masked_softmax, neg_inf_outside
+from .base import MILModel, MILOutput, bag_term, embed, masked_softmax, neg_inf_outside
 from .registry import AttentionOptions, register
 
 
@@ -51,9 +50,12 @@ class DSMIL(MILModel):
         max_instance = torch.nan_to_num(c.amax(-1), neginf=0.0)  # [B, C]
         return MILOutput(logits, c, {"max_instance": max_instance})
 
-    def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None) -> dict:
-        bag = F.cross_entropy(output.logits.float(), target, weight=class_weight)
-        inst = F.cross_entropy(output.aux["max_instance"].float(), target, weight=class_weight)
+    def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None,
+                     bag_loss=None) -> dict:
+        """Under any task the max-instance term is the task's own bag loss on the max-instance logits
+        (cross-entropy for classification; the survival NLL or Cox on the critical instance's outputs)."""
+        bag = bag_term(output.logits, target, class_weight, bag_loss)
+        inst = bag_term(output.aux["max_instance"], target, class_weight, bag_loss)
         w = self.instance_weight
         return {"bag": bag, "max_instance": inst, "loss": (1 - w) * bag + w * inst}
 

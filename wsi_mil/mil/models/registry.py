@@ -89,8 +89,8 @@ class WithEmbedding(MILModel):
     def forward(self, x, mask):
         return self.head(self.pre(x), mask)
 
-    def compute_loss(self, output, target, class_weight=None):
-        return self.head.compute_loss(output, target, class_weight)
+    def compute_loss(self, output, target, class_weight=None, bag_loss=None):
+        return self.head.compute_loss(output, target, class_weight, bag_loss)
 
 
 def create_model(name: str, in_dim: int, n_classes: int, embed_dim: int | None = None, **options) -> MILModel:

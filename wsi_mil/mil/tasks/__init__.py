@@ -1,0 +1,6 @@
+"""MIL tasks (``train.task``): each file registers one; see :mod:`.base` for the contract."""
+
+from . import classification, multilabel, regression, survival  # noqa: F401  (each registers its task)
+from .base import TASKS, Task, check_finite, task_class
+
+__all__ = ["TASKS", "Task", "check_finite", "task_class"]
