@@ -419,3 +419,47 @@ def test_every_head_trains_under_every_task(task, head, tmp_path):
     columns = {"classification": ["prob_hi", "prob_lo"], "regression": ["pred"], "multilabel": ["prob_A", "prob_B"]}
     values = np.array([[float(p[c]) for c in columns[task]] for p in preds])
     assert values.shape == (18, len(columns[task])) and np.isfinite(values).all()
+
+
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_patient_level_bags_join_a_patients_slides_and_predict_per_patient(task, tmp_path, capsys):
+    """Two slides per patient: with train.bag_level=patient each patient is one bag holding both slides'
+    patches (streamed through the bag cache), predicted once; slides of one patient that disagree on the
+    label are one line naming the patient."""
+    def make(share, rng):
+        return {"label": "hi" if share > 0.25 else "lo", "os_months": f"{rng.exponential(5):.2f}", "dead": 1}
+    feats, labels, rows = _cohort(tmp_path, 40, make, seed=5)
+    text = labels.read_text().splitlines()
+    header, body = text[0], text[1:]
+    patient_rows = []
+    for i, line in enumerate(body):  # slides 2k and 2k+1 belong to patient Q<k>, with slide 2k's label
+        cells = line.split(",")
+        first = body[i - i % 2].split(",")
+        cells[1:4] = first[1:4]
+        cells[-1] = f"Q{i // 2}"
+        patient_rows.append(",".join(cells))
+    labels.write_text("\n".join([header, *patient_rows]) + "\n")
+    extra = ([] if task == "classification" else
+             ["train.task=survival", "train.survival.time_column=os_months", "train.survival.event_column=dead"])
+    rc, run = _run(tmp_path, feats, labels, "train.bag_level=patient", "train.epochs=3", "train.min_epochs=1", *extra)
+    assert rc == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["bag_level"] == "patient" and summary["n_bags"] == 20 and summary["n_slides"] == 40
+    with (run / "predictions.csv").open() as fh:
+        preds = list(csv.DictReader(fh))
+    assert len(preds) == 20 and all(p["slides"] == f"s{2 * k:02d};s{2 * k + 1:02d}" and p["patient_id"] == f"Q{k}"
+                                    for k, p in enumerate(preds))
+    from wsi_mil.mil.data import BagCache, load_bagset, patient_bags
+
+    data = patient_bags(load_bagset(feats, labels))
+    sizes = {r["slide_id"]: len(h5py.File(feats / f"{r['slide_id']}.h5")["features"]) for r in rows}
+    joined = BagCache(1e9).get(data.bags[3])
+    assert len(joined) == sizes["s06"] + sizes["s07"] == data.bags[3].n_instances
+    np.testing.assert_array_equal(joined[: sizes["s06"]].numpy(), h5py.File(feats / "s06.h5")["features"][:])
+    body = labels.read_text().splitlines()
+    body[2] = body[2].replace(",hi,", ",lo,") if ",hi," in body[2] else body[2].replace(",lo,", ",hi,")
+    labels.write_text("\n".join(body) + "\n")
+    capsys.readouterr()
+    rc, _ = _run(tmp_path, feats, labels, "train.bag_level=patient")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "patient Q0" in err[0] and "different labels" in err[0], err

@@ -116,6 +116,7 @@ class TrainConfig(Section):
     survival: SurvivalConfig = Field(default_factory=SurvivalConfig)
     loss: Literal["mse", "huber"] = "mse"  # regression: on the target standardised on the training fold
     label_columns: list[str] = Field(default_factory=list)  # multilabel: the 0/1 columns, one output each
+    bag_level: Literal["slide", "patient"] = "slide"  # patient: a patient's slides form one bag
     labels: Path | None = None
     features: Path | None = None
     run_name: str = "default"

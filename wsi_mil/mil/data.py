@@ -37,6 +37,8 @@ class Bag:
     event: int | None = None  # ... and 1 (event) / 0 (censored); ``label`` is then the interval
     value: float | None = None  # regression: the numeric target
     values: tuple[int, ...] | None = None  # multi-label: one 0/1 per target
+    slides: tuple[str, ...] = ()  # a patient-level bag: its slides ...
+    paths: tuple[Path, ...] = ()  # ... and their feature files, read one after the other as one bag
 
     @property
     def target(self):
@@ -150,12 +152,13 @@ class BagCache:
     def get(self, bag: Bag) -> torch.Tensor:
         if bag.features is not None:
             return bag.features
-        key = str(bag.path)
+        key = "|".join(map(str, bag.paths)) if bag.paths else str(bag.path)
         hit = self._items.get(key)
         if hit is not None:
             self._items.move_to_end(key)
             return hit
-        t = load_features(bag.path, self.dtype)
+        t = (torch.cat([load_features(p, self.dtype) for p in bag.paths]) if bag.paths
+             else load_features(bag.path, self.dtype))
         self.reads += 1
         size = t.numel() * t.element_size()
         if size <= self.max_bytes:
@@ -250,3 +253,25 @@ def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str =
     if len(bags) < 2:
         raise WsiMilError(f"only {len(bags)} labelled slide(s) have patches in {features_dir}; nothing to train")
     return BagSet(bags, label_map, dim, enc, no_features, no_label, empty)
+
+
+def patient_bags(data: BagSet) -> BagSet:
+    """One bag per patient (``train.bag_level=patient``): the patient's slides' patches, read in slide order
+    as one bag. Its slides must agree on the target (class, survival time and event, value, ...): a patient
+    whose slides disagree is one line naming it."""
+    by_patient: dict[str, list[Bag]] = {}
+    for bag in data.bags:
+        by_patient.setdefault(bag.patient_id, []).append(bag)
+    merged = []
+    for pid, bags in by_patient.items():
+        if len({repr(b.target) for b in bags}) > 1:
+            raise WsiMilError(f"patient {pid}: its slides ({', '.join(b.slide_id for b in bags)}) have different "
+                              f"labels; a patient-level bag needs one (train.bag_level=patient)")
+        first = bags[0]
+        merged.append(Bag(pid, None, first.label, pid, first.split, None, sum(b.n_instances for b in bags),
+                          first.time, first.event, first.value, first.values,
+                          tuple(b.slide_id for b in bags), tuple(b.path for b in bags)))
+    if len(merged) < 2:
+        raise WsiMilError(f"only {len(merged)} patient(s) have slides with patches; nothing to train")
+    return BagSet(merged, data.label_map, data.feature_dim, data.encoder_id, data.no_features, data.no_label,
+                  data.no_patches)

@@ -25,7 +25,7 @@ from ..device import pick_device
 from ..errors import WsiMilError, one_line
 from ..layout import Layout, encoder_id
 from ..mil.checkpoint import CheckpointMeta, save_checkpoint
-from ..mil.data import BagCache, BagSet, load_bagset
+from ..mil.data import BagCache, BagSet, load_bagset, patient_bags
 from ..mil.ensemble import write_run_summary
 from ..mil.metrics import mean_std
 from ..mil.models import build_model
@@ -118,7 +118,8 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False, c
     summary = {
         "run": cfg.train.run_name, "model": cfg.model.name, "task": task.name, "main_metric": task.main_metric,
         "fold_files": fold_files, "fold_sha256": fold_sha, "encoder_id": data.encoder_id,
-        "feature_dim": data.feature_dim, **_classes(task), "n_slides": len(bags), "n_folds": len(splits),
+        "feature_dim": data.feature_dim, **_classes(task), "bag_level": t.bag_level, "n_bags": len(bags),
+        "n_slides": sum(max(1, len(b.slides)) for b in bags), "n_folds": len(splits),
         "folds": fold_metrics,
         "mean_std": mean_std(fold_metrics, task.fold_keys) if fold_metrics else {},
         "pooled_out_of_fold": {**(task.pooled_metrics([bags[i] for i in tested], [oof[i] for i in tested], bags)
@@ -134,12 +135,15 @@ def _classes(task: Task) -> dict:
 
 
 def _write_predictions(out_dir: Path, task: Task, bags: list, oof: list, fold_of: np.ndarray, data: BagSet) -> None:
-    rows = [{"slide_id": b.slide_id, "patient_id": b.patient_id, "fold": int(fold_of[i]), **task.prediction(b, oof[i])}
+    """One row per bag: a slide, or (``train.bag_level=patient``) a patient with its slides listed."""
+    rows = [{"slide_id": b.slide_id, "patient_id": b.patient_id, "fold": int(fold_of[i]),
+             **({"slides": ";".join(b.slides)} if b.slides else {}), **task.prediction(b, oof[i])}
             for i, b in enumerate(bags)]
     for sid in data.no_patches:  # in the cohort, but no bag: no prediction, as in predict
         rows.append({"slide_id": sid, "fold": -1, "note": "0 patches (no tissue): no prediction"})
+    slides = ["slides"] if any(b.slides for b in bags) else []
     write_csv(out_dir / "predictions.csv", rows,
-              ["slide_id", "patient_id", *task.truth_columns(), "fold", *task.output_columns(), "note"])
+              ["slide_id", "patient_id", *slides, *task.truth_columns(), "fold", *task.output_columns(), "note"])
 
 
 def check_bags(data: BagSet, cache: BagCache, progress: bool = False) -> None:
@@ -176,6 +180,8 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
     data = load_bagset(features_dir(layout, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column,
                        fold_case=cfg.train.fold_label_case, columns=kind.label_columns(cfg.train),
                        parse=kind.parse_labels(cfg.train))
+    if cfg.train.bag_level == "patient":
+        data = patient_bags(data)
     for what, ids in (("labelled slides without features", data.no_features),
                       ("feature files without a label", data.no_label),
                       ("labelled slides with 0 patches (no prediction)", data.no_patches)):
