@@ -379,3 +379,38 @@ def test_ome_zarr_is_ngff_04_with_slash_chunks_and_per_axis_scales(tmp_path):
         # every level spans the raster's physical extent along each axis
         assert rows * sy == pytest.approx(301 * 8.0) and cols * sx == pytest.approx(517 * 8.0)
     np.testing.assert_allclose(root["0"][:], raster)
+
+
+def test_export_follows_the_task_clam_survival_columns_and_torchmil_labels(study, tmp_path):
+    """Survival: CLAM's survival forks read survival_months and censorship (1 - event); torchmil gets
+    (time, event); regression a float and multi-label a 0/1 vector."""
+    layout, _ = study
+    labels = tmp_path / "surv.csv"
+    labels.write_text("slide_id,os,dead,val,A,B,patient_id\ns0,12.5,1,0.25,1,0,P0\ns1,30,0,1.5,0,1,P1\n"
+                      "s2,7.25,1,3,1,1,P0\n")
+    surv = [f"train.labels={labels}", "train.task=survival", "train.survival.time_column=os",
+            "train.survival.event_column=dead"]
+    base = ["export", "--out", str(layout.root), *ENC]
+    assert main([*base, "--format", "clam", "--to", str(tmp_path / "clam"), *surv]) == 0
+    with (tmp_path / "clam" / "dataset.csv").open() as fh:
+        rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    truth = {r.split(",")[0]: r.split(",") for r in labels.read_text().splitlines()[1:]}
+    for sid, r in rows.items():
+        assert float(r["survival_months"]) == float(truth[sid][1])
+        assert int(r["censorship"]) == 1 - int(truth[sid][2]) and r["case_id"] == truth[sid][6]
+    assert main([*base, "--format", "torchmil", "--to", str(tmp_path / "tm"), *surv]) == 0
+    for sid in rows:
+        np.testing.assert_allclose(np.load(tmp_path / "tm" / "labels" / f"{sid}.npy"),
+                                   [float(truth[sid][1]), float(truth[sid][2])])
+    reg = [f"train.labels={labels}", "train.task=regression"]
+    reg_csv = tmp_path / "reg.csv"
+    reg_csv.write_text("slide_id,label\n" + "".join(f"{s},{t[3]}\n" for s, t in truth.items()))
+    assert main([*base, "--format", "torchmil", "--to", str(tmp_path / "tm_reg"), *reg[1:],
+                 f"train.labels={reg_csv}"]) == 0
+    assert float(np.load(tmp_path / "tm_reg" / "labels" / "s2.npy")) == 3.0
+    ml = [f"train.labels={labels}", "train.task=multilabel", "train.label_columns=[A,B]"]
+    assert main([*base, "--format", "torchmil", "--to", str(tmp_path / "tm_ml"), *ml]) == 0
+    assert np.load(tmp_path / "tm_ml" / "labels" / "s1.npy").tolist() == [0, 1]
+    assert main([*base, "--format", "clam", "--to", str(tmp_path / "clam_ml"), *ml]) == 0
+    with (tmp_path / "clam_ml" / "dataset.csv").open() as fh:
+        assert next(csv.DictReader(fh)) == {"case_id": "P0", "slide_id": "s0", "A": "1", "B": "0"}

@@ -149,7 +149,7 @@ def dispatch(args, cfg: Config) -> int:
         from .interop import export_study, load_study
 
         print(export_study(args.format, load_study(args.out, cfg.encoder.name, cfg.train.labels,
-                                                           cfg.train.fold_label_case), args.to))
+                                                           cfg.train.fold_label_case, cfg.train), args.to))
         return 0
     layout = _writable(args.out)
     progress = not args.no_progress

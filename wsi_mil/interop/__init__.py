@@ -36,6 +36,8 @@ class Study:
     layout: Layout
     encoder_id: str
     labels: dict[str, dict] = field(default_factory=dict)  # slide_id -> row with label, patient_id
+    task: str = "classification"  # survival rows also hold time and event; regression value; multilabel values
+    columns: tuple[str, ...] = ("label",)  # the labels CSV's columns the task reads
 
     def slide_ids(self) -> list[str]:
         folder = self.layout.features_dir(self.encoder_id)
@@ -47,20 +49,32 @@ class Study:
     def label_map(self) -> dict[str, int]:
         from ..mil.data import make_label_map
 
-        return make_label_map([r["label"] for r in self.labels.values()]) if self.labels else {}
+        if self.task != "classification" or not self.labels:
+            return {}
+        return make_label_map([r["label"] for r in self.labels.values()])
 
     def target(self, slide_id: str) -> PatchSpec:
         """Our own target description of a slide's patches (from its patch file)."""
         return read_patch_spec(self.layout.patches(slide_id))
 
 
-def load_study(out: Path, encoder_name: str, labels_csv: Path | None, fold_case: bool = False) -> Study:
+def load_study(out: Path, encoder_name: str, labels_csv: Path | None, fold_case: bool = False,
+               tcfg=None) -> Study:
+    """The study's features and, with ``labels_csv``, its labels read as ``train.task`` reads them
+    (``tcfg``: the train config; survival's time and event, a regression value, multi-label 0/1s)."""
     from ..mil.data import read_labels
+    from ..mil.tasks import task_class
 
+    task = tcfg.task if tcfg is not None else "classification"
     labels = {}
+    kind = task_class(task)
+    columns = kind.label_columns(tcfg) if tcfg is not None else ("label",)
     if labels_csv is not None:
-        labels = {row["slide_id"]: row for row in read_labels(labels_csv, fold_case=fold_case)}
-    return Study(Layout(out), encoder_id(encoder_name), labels)
+        rows = read_labels(labels_csv, fold_case=fold_case, columns=columns)
+        parse = kind.parse_labels(tcfg) if tcfg is not None else None
+        fields = parse(rows, Path(labels_csv).name) if parse else [{}] * len(rows)
+        labels = {row["slide_id"]: {**row, **extra} for row, extra in zip(rows, fields)}
+    return Study(Layout(out), encoder_id(encoder_name), labels, task, columns)
 
 
 def link(src: Path, dst: Path) -> None:

@@ -1,4 +1,6 @@
-"""torchmil's ``WSIDataset`` layout: ``features/<name>.npy`` (N, D), ``labels/<name>.npy`` (a 0-d int),
+"""torchmil's ``WSIDataset`` layout: ``features/<name>.npy`` (N, D), ``labels/<name>.npy`` (a 0-d int class;
+by task: a 0-d float for regression, a (T,) int 0/1 vector for multi-label, (time, event) float for
+survival),
 ``coords/<name>.npy`` (N, 2). torchmil turns coords into grid cells with
 ``((coords / patch_size) - min).astype(int)``, which merges cells when the level-0 step is fractional
 (256.5 px on an 0.2499 µm/px scan). So the exported coords are our exact grid cells times
@@ -28,10 +30,21 @@ def export(study: Study, to: Path) -> str:
         save_npy(to / "features" / f"{sid}.npy", feats)
         save_npy(to / "coords" / f"{sid}.npy", cells * PATCH_SIZE)
         if sid in study.labels:
-            save_npy(to / "labels" / f"{sid}.npy", np.array(label_map[study.labels[sid]["label"]], np.int64))
+            save_npy(to / "labels" / f"{sid}.npy", _label(study, sid, label_map))
     write_text(to / "torchmil.json", json.dumps({
-        "patch_size": PATCH_SIZE, "label_map": label_map, "encoder_id": study.encoder_id,
+        "patch_size": PATCH_SIZE, "task": study.task, "label_map": label_map, "encoder_id": study.encoder_id,
         "coords": "grid cell (col, row) * patch_size; pass patch_size to WSIDataset",
     }, indent=1))
     n_lab = sum(s in study.labels for s in ids)
     return f"torchmil: {len(ids)} slides ({n_lab} labelled) in features, coords, labels; patch_size={PATCH_SIZE}"
+
+
+def _label(study: Study, slide_id: str, label_map: dict[str, int]) -> np.ndarray:
+    row = study.labels[slide_id]
+    if study.task == "survival":
+        return np.array([row["time"], row["event"]], np.float32)
+    if study.task == "regression":
+        return np.array(row["value"], np.float32)
+    if study.task == "multilabel":
+        return np.array(row["values"], np.int64)
+    return np.array(label_map[row["label"]], np.int64)
