@@ -264,18 +264,6 @@ def test_cox_with_one_bag_per_step_and_bad_survival_labels_are_one_line(tmp_path
     assert rc == 2 and len(err) == 1 and "os_months" in err[0] and "line(s) 4" in err[0], err
 
 
-def test_predict_on_a_survival_run_is_one_line_not_a_softmax_over_intervals(tmp_path, capsys):
-    """Until predict and heatmap follow the task, a survival run is refused in one line: never class
-    probabilities made from hazard logits."""
-    feats, labels, rows, _ = _survival_cohort(tmp_path)
-    rc, out = _train(tmp_path, feats, labels, "train.epochs=2", "train.min_epochs=1")
-    assert rc == 0
-    capsys.readouterr()
-    rc = main(["predict", "--out", str(out), "--no-progress", "--features", str(feats), "--model", str(out / "models" / "default")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "is a survival run" in err[0], err
-
-
 def test_compare_ranks_survival_runs_by_c_index_and_refuses_mixing_tasks(tmp_path, capsys):
     feats, labels, rows, _ = _survival_cohort(tmp_path)
     rc, out = _train(tmp_path, feats, labels, "model.name=abmil,meanpool", "train.epochs=4", "train.min_epochs=1")
@@ -463,3 +451,60 @@ def test_patient_level_bags_join_a_patients_slides_and_predict_per_patient(task,
     rc, _ = _run(tmp_path, feats, labels, "train.bag_level=patient")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "patient Q0" in err[0] and "different labels" in err[0], err
+
+
+def _fold_outputs(run, feats, slide_id):
+    """Each fold checkpoint's output for one bag, computed here from its logits and its recorded task."""
+    from wsi_mil.mil.checkpoint import load_checkpoint
+
+    x = torch.from_numpy(h5py.File(feats / f"{slide_id}.h5")["features"][:])[None]
+    mask = torch.ones(1, x.shape[1], dtype=torch.bool)
+    outs = []
+    for path in sorted(run.glob("fold_*.safetensors")):
+        model, meta = load_checkpoint(path)
+        with torch.no_grad():
+            z = model(x, mask).logits[0].double().numpy()
+        kind = meta.task["task"]
+        if kind == "survival" and meta.task["loss"] == "cox":
+            outs.append([z[0]])
+        elif kind == "survival":
+            k = len(meta.task["interval_edges"]) - 1
+            outs.append([-np.cumprod(1 - 1 / (1 + np.exp(-z[:k]))).sum()])
+        elif kind == "regression":
+            outs.append([z[0] * meta.task["target_std"] + meta.task["target_mean"]])
+        else:
+            outs.append(1 / (1 + np.exp(-z)))
+    return np.mean(outs, axis=0)
+
+
+@pytest.mark.parametrize("task", ["survival_nll", "survival_cox", "regression", "multilabel"])
+def test_predict_follows_the_task_and_heatmap_refuses_it_in_one_line(task, tmp_path, capsys):
+    def make(share, rng):
+        return {"label": f"{share:.3f}", "os_months": f"{rng.exponential(5):.2f}", "dead": int(rng.random() < 0.7),
+                "A": int(share > 0.25), "B": int(share > 0.1)}
+    feats, labels, rows = _cohort(tmp_path, 18, make, seed=6)
+    extra = {"survival_nll": ["train.task=survival", "train.survival.time_column=os_months",
+                              "train.survival.event_column=dead"],
+             "regression": ["train.task=regression"],
+             "multilabel": ["train.task=multilabel", "train.label_columns=[A,B]"]}
+    extra["survival_cox"] = [*extra["survival_nll"], "train.survival.loss=cox", "train.batch_size=4"]
+    rc, run = _run(tmp_path, feats, labels, "train.epochs=3", "train.min_epochs=1", *extra[task])
+    assert rc == 0
+    out = run.parents[1]
+    assert main(["predict", "--out", str(out), "--no-progress", "--features", str(feats), "--model", str(run)]) == 0
+    with (out / "predictions" / "default.csv").open() as fh:
+        preds = {r["slide_id"]: r for r in csv.DictReader(fh)}
+    columns = {"survival_nll": ["risk"], "survival_cox": ["risk"], "regression": ["pred"],
+               "multilabel": ["prob_A", "prob_B"]}[task]
+    for sid in ("s00", "s07", "s13"):
+        got = [float(preds[sid][c]) for c in columns]
+        np.testing.assert_allclose(got, _fold_outputs(run, feats, sid), rtol=1e-4, atol=1e-5)
+    from wsi_mil.synthetic import SyntheticSpec, write_slide
+
+    (tmp_path / "slides").mkdir()
+    write_slide(tmp_path / "slides" / "s00.svs", SyntheticSpec(width=600, height=500, mpp=0.5, seed=1))
+    capsys.readouterr()
+    rc = main(["heatmap", "--out", str(out), "--no-progress", f"heatmap.run={run}", "--slides",
+               str(tmp_path / "slides")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "follow classification runs only so far" in err[0], err

@@ -138,27 +138,27 @@ class Ensemble:
         loaded = [load_checkpoint(p, self.device) for p in self.ref.files]
         self.models = [m for m, _ in loaded]
         self.meta: CheckpointMeta = loaded[0][1]
-        task = ((self.meta.config or {}).get("train") or {}).get("task", "classification")
-        if task != "classification":
-            raise WsiMilError(f"model {self.path.name} is a {task} run: predict, heatmap and the viewer read "
-                              f"classification runs only so far (its out-of-fold predictions are in the run's "
-                              f"predictions.csv)")
+        from .tasks import task_from_checkpoint
+
+        self.tasks = [task_from_checkpoint(meta) for _, meta in loaded]  # each fold's fitted task
+        self.task = self.tasks[0]
         self.classes = sorted(self.meta.label_map, key=self.meta.label_map.get)
         self.per_class = bool(getattr(self.models[0], "per_class", False))
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-        """Mean class probabilities (C,) and mean instance scores ((N,) or (C, N)) for one bag."""
+        """The mean of the folds' outputs (class probabilities (C,); the risk, value or per-target
+        probabilities for other tasks) and mean instance scores ((N,) or (C, N)) for one bag."""
         x = features.float()[None].to(self.device)
         mask = torch.ones(1, len(features), dtype=torch.bool, device=self.device)
         probs, scores = [], []
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=precision == "bf16" or (self.device.type == "cuda" and precision != "fp32")):
-            for model in self.models:
+            for model, task in zip(self.models, self.tasks):
                 out = model(x, mask)
-                probs.append(torch.softmax(out.logits.float(), 1)[0])
+                probs.append(task.ensemble_output(task.outputs(out.logits.float()).cpu().numpy()))
                 scores.append(out.instance_scores[0].float())
-        p, sc = torch.stack(probs).mean(0).cpu().numpy(), torch.stack(scores).mean(0).cpu().numpy()
+        p, sc = np.mean(probs, axis=0), torch.stack(scores).mean(0).cpu().numpy()
         if not (np.isfinite(p).all() and np.isfinite(sc).all()):
             raise WsiMilError(f"model {self.path.name} gave NaN or inf for this bag; no prediction")
         return p, sc

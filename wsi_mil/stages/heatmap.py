@@ -58,8 +58,12 @@ def ensemble(layout: Layout, cfg: Config, model: Model = None) -> Ensemble:
     once per process and again when its files change."""
     ref = model_ref(cfg, model)
     device = pick_device(cfg.train.device)
-    return per_process("ensemble", _stamp(model_path(layout, ref)) + str(device),
-                       lambda: Ensemble(resolve_model(layout, ref), device))
+    ens = per_process("ensemble", _stamp(model_path(layout, ref)) + str(device),
+                      lambda: Ensemble(resolve_model(layout, ref), device))
+    if ens.task.name != "classification":
+        raise WsiMilError(f"model {ens.path.name} is a {ens.task.name} run: heatmaps and the viewer follow "
+                          f"classification runs only so far; 'wsi-mil predict' gives its predictions")
+    return ens
 
 
 def summary_path(layout: Layout, slide_id: str, cfg: Config, model: Model = None) -> Path:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..atomic import write_csv
 from ..config import Config
 from ..device import pick_device
@@ -43,18 +41,17 @@ class PredictResult:
 
 
 def predict_file(ensemble: Ensemble, path: Path) -> dict:
-    """One slide's row: class probabilities and the predicted class (empty, with a note, for 0 patches)."""
+    """One slide's row: the task's prediction (class probabilities and class; risk; value; per-target
+    probabilities), empty with a note for 0 patches."""
     dim, enc = feature_info(path)
     check_compatible(ensemble.meta, dim, enc, path.name)
     feats = load_features(path)
     row = {"slide_id": path.stem, "n_patches": len(feats), "model_id": ensemble.model_id}
     if len(feats) == 0:
-        row.update({f"prob_{c}": "" for c in ensemble.classes})
-        row.update({"pred": "", "note": "0 patches (no tissue): no prediction"})
+        row.update({**ensemble.task.ensemble_row(None), "note": "0 patches (no tissue): no prediction"})
         return row
-    probs, _ = ensemble(feats)
-    row.update({f"prob_{c}": f"{p:.6f}" for c, p in zip(ensemble.classes, probs)})
-    row.update({"pred": ensemble.classes[int(np.argmax(probs))], "note": ""})
+    output, _ = ensemble(feats)
+    row.update({**ensemble.task.ensemble_row(output), "note": ""})
     return row
 
 
@@ -72,8 +69,10 @@ def predict(layout: Layout, cfg: Config, model: Path | None = None, features: Pa
             result.rows.append(predict_file(ensemble, path))
         except Exception as exc:  # one bad file never stops the others
             result.failed.append(Record(path.stem, "predict", "failed", 0.0, one_line(exc)))
-    fields = ["slide_id", *(f"prob_{c}" for c in ensemble.classes), "pred", "n_patches", "model_id", "note"]
+    columns = ensemble.task.ensemble_columns()
+    fields = ["slide_id", *columns, "n_patches", "model_id", "note"]
     write_csv(result.output, result.rows, fields)
-    done = [Record(r["slide_id"], "predict", "done", 0.0, r["note"] or r["pred"]) for r in result.rows]
+    done = [Record(r["slide_id"], "predict", "done", 0.0, r["note"] or str(r.get("pred", r[columns[0]])))
+            for r in result.rows]
     update_manifest(layout.manifest, done + result.failed)
     return result

@@ -107,8 +107,34 @@ class Task:
         return {}
 
     def describe(self) -> dict:
-        """What summary.json records of the task (its classes, intervals, loss)."""
+        """What summary.json and each checkpoint record of the task (its classes, intervals, loss)."""
         return {"task": self.name}
+
+    def restore(self, described: dict) -> Task:
+        """This task with a fold's fitted state back from a checkpoint's :meth:`describe` (default: none)."""
+        return self
+
+    def ensemble_output(self, outputs: np.ndarray) -> np.ndarray:
+        """What the fold models' outputs of one bag are averaged as (default: the outputs themselves)."""
+        return outputs[0]
+
+    def ensemble_columns(self) -> list[str]:
+        """predict's columns for a bag's ensemble output."""
+        return self.output_columns()
+
+    def ensemble_row(self, output: np.ndarray | None) -> dict:
+        """predict's cells for a bag's averaged output (None: no prediction)."""
+        raise NotImplementedError
+
+
+def task_from_checkpoint(meta) -> Task:
+    """A fold's task as it was trained, from a checkpoint's metadata (its run config and ``describe()``);
+    checkpoints from before tasks are classification."""
+    from ...config import TrainConfig
+
+    train = dict((meta.config or {}).get("train") or {})
+    tcfg = TrainConfig.model_validate(train) if train else TrainConfig()
+    return task_class(tcfg.task)(meta.label_map, tcfg).restore(meta.task or {})
 
 
 def parse_rows(rows: list[dict], name: str, parse_row, problem: str) -> list[dict]:

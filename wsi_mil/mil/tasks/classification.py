@@ -60,5 +60,10 @@ class Classification(Task):
         row["pred"] = "" if output is None else self.classes[int(np.argmax(output))]
         return row
 
+    def ensemble_row(self, output: np.ndarray | None) -> dict:
+        row = {f"prob_{c}": "" if output is None else f"{output[k]:.6f}" for k, c in enumerate(self.classes)}
+        row["pred"] = "" if output is None else self.classes[int(np.argmax(output))]
+        return row
+
     def describe(self) -> dict:
         return {"task": self.name, "classes": self.classes}

@@ -93,5 +93,8 @@ class MultiLabel(Task):
         row.update({f"prob_{t}": "" if output is None else f"{output[k]:.6f}" for k, t in enumerate(self.targets)})
         return row
 
+    def ensemble_row(self, output: np.ndarray | None) -> dict:
+        return {f"prob_{t}": "" if output is None else f"{output[k]:.6f}" for k, t in enumerate(self.targets)}
+
     def describe(self) -> dict:
         return {"task": self.name, "targets": self.targets}

@@ -127,5 +127,13 @@ class Regression(Task):
     def prediction(self, bag: Bag, output: np.ndarray | None) -> dict:
         return {**self.truth(bag), "pred": "" if output is None else f"{float(output[0]):.6g}"}
 
+    def restore(self, described: dict) -> Regression:
+        fold = copy.copy(self)
+        fold.mean, fold.std = float(described.get("target_mean", 0.0)), float(described.get("target_std", 1.0))
+        return fold
+
+    def ensemble_row(self, output: np.ndarray | None) -> dict:
+        return {"pred": "" if output is None else f"{float(output[0]):.6g}"}
+
     def describe(self) -> dict:
         return {"task": self.name, "loss": self.loss, "target_mean": self.mean, "target_std": self.std}

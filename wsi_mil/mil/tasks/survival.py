@@ -161,6 +161,22 @@ class Survival(Task):
             row.update({f"surv_t{k + 1}": f"{v:.6f}" for k, v in enumerate(output)})
         return row
 
+    def restore(self, described: dict) -> Survival:
+        fold = copy.copy(self)
+        if described.get("interval_edges"):
+            fold.edges = np.array(described["interval_edges"], float)
+        return fold
+
+    def ensemble_output(self, outputs: np.ndarray) -> np.ndarray:
+        """The folds' intervals differ, so the ensemble averages the risk, not the curves."""
+        return self.risk(outputs)[:1]
+
+    def ensemble_columns(self) -> list[str]:
+        return ["risk"]
+
+    def ensemble_row(self, output: np.ndarray | None) -> dict:
+        return {"risk": "" if output is None else f"{float(output[0]):.6f}"}
+
     def describe(self) -> dict:
         out = {"task": self.name, "loss": self.loss}
         if self.edges is not None:
