@@ -238,10 +238,16 @@ def plot_km(time: np.ndarray, event: np.ndarray, risk: np.ndarray, groups: int, 
     group = risk_groups(risk, groups)
     p = logrank_p(time, event, group)
     fig, ax = plt.subplots(figsize=(6, 4))
+    names = {2: ["low risk", "high risk"], 3: ["low risk", "intermediate risk", "high risk"]}.get(groups)
+    time, event = np.asarray(time, float), np.asarray(event).astype(bool)
     for g in np.unique(group):
         sel = group == g
-        t, s = kaplan_meier_estimator(np.asarray(event)[sel].astype(bool), np.asarray(time, float)[sel])
-        ax.step(t, s, where="post", label=f"risk group {g + 1} of {groups} (n={int(sel.sum())})")
+        t, s = kaplan_meier_estimator(event[sel], time[sel])
+        name = names[g] if names else f"risk group {g + 1} of {groups}"
+        line = ax.step(t, s, where="post", label=f"{name} (n={int(sel.sum())}, {int(event[sel].sum())} events)")[0]
+        censored = time[sel & ~event]  # censoring marks on the curve, as KM plots show them
+        at = s[np.clip(np.searchsorted(t, censored, side="right") - 1, 0, len(s) - 1)] if len(t) else []
+        ax.plot(censored, at, "|", color=line.get_color(), markersize=8)
     ax.set_xlabel("time")
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
