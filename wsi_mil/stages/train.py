@@ -175,8 +175,8 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
         build_model(cfg.model.model_copy(update={"name": name}), 1, 2)
     if cfg.train.labels is None:
         raise WsiMilError("train.labels is required: a CSV with slide_id,label[,patient_id] (e.g. train.labels=labels.csv)")
-    task_class(cfg.train.task)({}, cfg.train)  # an unknown task or a bad task setting is one line now
     kind = task_class(cfg.train.task)
+    kind({}, cfg.train)  # an unknown task or a bad task setting is one line now, before any bag is read
     data = load_bagset(features_dir(layout, cfg), cfg.train.labels, cfg.train.missing, cfg.train.split_column,
                        fold_case=cfg.train.fold_label_case, columns=kind.label_columns(cfg.train),
                        parse=kind.parse_labels(cfg.train))

@@ -23,7 +23,6 @@ class Classification(Task):
     def __init__(self, label_map: dict[str, int], tcfg=None):
         self.label_map = label_map
         self.classes = sorted(label_map, key=label_map.get)
-        self.class_weight: torch.Tensor | None = None
 
     @staticmethod
     def label_columns(tcfg) -> tuple[str, ...]:
@@ -36,8 +35,9 @@ class Classification(Task):
         return np.array([b.label for b in bags])
 
     def bag_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
-        return F.cross_entropy(logits.float(), target.long(), weight=weight)
+        """Unweighted cross-entropy; training weights classes in the heads' own bag term instead
+        (``train.balance``), which is why classification passes no ``bag_loss`` to them."""
+        return F.cross_entropy(logits.float(), target.long())
 
     def outputs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), 1)
