@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import h5py
 import numpy as np
@@ -478,7 +479,7 @@ def _fold_outputs(run, feats, slide_id):
 
 
 @pytest.mark.parametrize("task", ["survival_nll", "survival_cox", "regression", "multilabel"])
-def test_predict_follows_the_task_and_heatmap_refuses_it_in_one_line(task, tmp_path, capsys):
+def test_predict_follows_the_task(task, tmp_path):
     def make(share, rng):
         return {"label": f"{share:.3f}", "os_months": f"{rng.exponential(5):.2f}", "dead": int(rng.random() < 0.7),
                 "A": int(share > 0.25), "B": int(share > 0.1)}
@@ -499,12 +500,161 @@ def test_predict_follows_the_task_and_heatmap_refuses_it_in_one_line(task, tmp_p
     for sid in ("s00", "s07", "s13"):
         got = [float(preds[sid][c]) for c in columns]
         np.testing.assert_allclose(got, _fold_outputs(run, feats, sid), rtol=1e-4, atol=1e-5)
-    from wsi_mil.synthetic import SyntheticSpec, write_slide
 
-    (tmp_path / "slides").mkdir()
-    write_slide(tmp_path / "slides" / "s00.svs", SyntheticSpec(width=600, height=500, mpp=0.5, seed=1))
-    capsys.readouterr()
-    rc = main(["heatmap", "--out", str(out), "--no-progress", f"heatmap.run={run}", "--slides",
-               str(tmp_path / "slides")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "follow classification runs only so far" in err[0], err
+
+# -- heatmaps, predict and patient bags on real stage outputs ------------------------------------------
+
+TASK_ARGS = {
+    "survival_nll": ["train.task=survival", "train.survival.time_column=os_months", "train.survival.event_column=dead",
+                     "model.name=clam_mb"],
+    "survival_cox": ["train.task=survival", "train.survival.time_column=os_months", "train.survival.event_column=dead",
+                     "train.survival.loss=cox", "train.batch_size=4"],
+    "regression": ["train.task=regression"],
+    "multilabel": ["train.task=multilabel", "train.label_columns=[A,B]", "model.name=clam_mb"],
+}
+
+
+def _real_cohort(mapped, tmp_path, n=12, patients=False):
+    """Copies of the tiled-and-extracted m0 (no tumour) and m1 (tumour) feature files as a training cohort
+    (t00.. alternating), with labels that follow the tumour: shorter survival, higher value, target A.
+    With ``patients``, t<2k> and t<2k+1> are patient Q<k>, and m0 and m1 together are patient PM."""
+    slides, out0 = mapped
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    (feat_dir,) = {p.parent for p in (out / "features").glob("*/m1.h5")}
+    train_feats = tmp_path / "train_feats"
+    train_feats.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        tumour = i % 2 == 1
+        shutil.copy(feat_dir / f"m{int(tumour)}.h5", train_feats / f"t{i:02d}.h5")
+        patient = f"Q{i // 2}" if patients else f"P{i}"
+        label = "tumour" if tumour else ("normal" if not patients else ["normal", "tumour"][(i // 2) % 2])
+        rows.append({"slide_id": f"t{i:02d}", "patient_id": patient, "label": label,
+                     "os_months": f"{rng.exponential(3 if tumour else 12):.2f}", "dead": int((i // 2) % 3 != 2),
+                     "value": f"{(5 if tumour else 1) + rng.normal(0, 0.3):.3f}", "A": int(tumour), "B": int(i % 3 == 0)})
+    if patients:  # both slides of one patient with one label each; m0 and m1 one patient, not in training
+        for r in rows:
+            first = rows[2 * (int(r["slide_id"][1:]) // 2)]
+            r.update({k: first[k] for k in ("label", "os_months", "dead", "value", "A", "B")})
+        rows += [{**rows[1], "slide_id": m, "patient_id": "PM"} for m in ("m0", "m1")]
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, ["slide_id", "patient_id", "label", "os_months", "dead", "value", "A", "B"])
+        w.writeheader()
+        w.writerows(rows)
+    return slides, out, train_feats, labels
+
+
+def _train_real(out, train_feats, labels, *extra):
+    from conftest import SMALL_ENCODER
+
+    return main(["train", "--out", str(out), "--no-progress", f"train.labels={labels}", f"train.features={train_feats}",
+                 "train.folds=2", "train.val_fraction=0", "train.epochs=3", "train.min_epochs=1",
+                 "model.hidden_dim=16", "model.attention_dim=8", *SMALL_ENCODER, *extra])
+
+
+def _csv(path):
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _geojson_measurements(path):
+    return [f["properties"]["measurements"] for f in json.loads(path.read_text())["features"]]
+
+
+def _fold_instance_scores(run, feats):
+    """The mean over fold checkpoints of each head's instance scores, computed here from the checkpoints."""
+    from wsi_mil.mil.checkpoint import load_checkpoint
+
+    x = torch.from_numpy(feats)[None]
+    mask = torch.ones(1, x.shape[1], dtype=torch.bool)
+    scores = []
+    for path in sorted(run.glob("fold_*.safetensors")):
+        model, _ = load_checkpoint(path)
+        with torch.no_grad():
+            scores.append(model(x, mask).instance_scores[0].double().numpy())
+    return np.mean(scores, axis=0)
+
+
+@pytest.mark.parametrize("task", sorted(TASK_ARGS))
+def test_heatmaps_carry_the_tasks_prediction_in_summary_title_and_geojson(task, mapped, tmp_path):
+    """heatmap follows the task: summary.json's ``outputs`` equal predict's row for the slide, every GeoJSON
+    patch carries them, the title names them; a per-class head gives one map per target under multilabel,
+    and its per-interval branches collapse into one map (their mean) under survival."""
+    from conftest import SMALL_ENCODER
+
+    from wsi_mil.layout import Layout
+
+    slides, out, train_feats, labels = _real_cohort(mapped, tmp_path)
+    label_args = ["train.task=regression", "train.label_columns=[A,B]"]
+    if task == "regression":
+        text = labels.read_text().replace(",label,", ",old_label,").replace(",value,", ",label,")
+        labels.write_text(text)
+    assert _train_real(out, train_feats, labels, *TASK_ARGS[task]) == 0, label_args
+    run = out / "models" / "default"
+    assert main(["predict", "--out", str(out), "--no-progress", "--model", str(run)]) == 0
+    predicted = {r["slide_id"]: r for r in _csv(out / "predictions" / "default.csv")}
+    assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *SMALL_ENCODER,
+                 "heatmap.top_k=0", "heatmap.exports=[geojson,png]", "heatmap.precision=fp32"]) == 0
+    layout = Layout(out)
+    summary = json.loads(layout.heatmap_summary("default", "m1").read_text())
+    expected = {k: float(v) for k, v in predicted["m1"].items() if k in summary["outputs"]}
+    assert summary["task"] == TASK_ARGS[task][0].split("=")[1] and set(expected) == set(summary["outputs"])
+    assert summary["outputs"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    for patch in _geojson_measurements(layout.heatmap_file("default", "m1", "patches.geojson")):
+        assert {k: patch[k] for k in expected} == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert all(k in summary["title"] for k in ("risk",) if task.startswith("survival"))
+    with h5py.File(layout.heatmap_file("default", "m1", "scores.h5")) as fh:
+        logits = fh["attention_logits"][:]
+        rows = fh["class_attention_percentile"][:] if "class_attention_percentile" in fh else None
+    feats = h5py.File(layout.features(summary["encoder_id"], "m1"))["features"][:]
+    own = _fold_instance_scores(run, feats)
+    if task == "multilabel":  # one map per target; the overlay is the most probable target's
+        assert summary["maps"] == ["A", "B"] and rows.shape == (2, len(logits))
+        top = "AB"[int(summary["outputs"]["prob_B"] > summary["outputs"]["prob_A"])]
+        assert summary["mapped_class"] == top and np.allclose(logits, own["AB".index(top)], atol=1e-5)
+    else:
+        assert rows is None and summary["maps"] == []
+        np.testing.assert_allclose(logits, own.mean(0) if own.ndim == 2 else own, atol=1e-5)
+    assert (layout.heatmap_file("default", "m1", "overlay.png")).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("task", ["classification", "survival_cox"])
+def test_patient_bags_are_predicted_per_patient_and_mapped_on_one_scale_across_its_slides(task, mapped, tmp_path):
+    """A patient-level run: predict groups the slides by patient (train.labels' patient_id) and gives one
+    row per patient, the bag of both slides; each slide's heatmap carries that prediction, and its
+    percentiles rank against the whole patient bag's scores, so the patient's slides share one scale."""
+    from conftest import SMALL_ENCODER
+
+    from wsi_mil.heatmap.scores import percentile_rank
+    from wsi_mil.layout import Layout
+    from wsi_mil.mil.ensemble import Ensemble
+
+    slides, out, train_feats, labels = _real_cohort(mapped, tmp_path, patients=True)
+    extra = TASK_ARGS.get(task, [])
+    assert _train_real(out, train_feats, labels, "train.bag_level=patient", *extra) == 0
+    run = out / "models" / "default"
+    assert main(["predict", "--out", str(out), "--no-progress", f"train.labels={labels}"]) == 0
+    rows = {r["patient_id"]: r for r in _csv(out / "predictions" / "default.csv")}
+    assert rows["PM"]["slides"] == "m0;m1" and rows["glass"]["slides"] == "glass" and "own" in rows["glass"]["note"]
+    layout = Layout(out)
+    feats = [h5py.File(layout.features("resnet18", m))["features"][:] for m in ("m0", "m1")]
+    output, _ = Ensemble(run)(torch.from_numpy(np.concatenate(feats)))
+    column = "risk" if task != "classification" else "prob_normal"
+    assert float(rows["PM"][column]) == pytest.approx(float(output[0]), rel=1e-4, abs=1e-5)
+    assert int(rows["PM"]["n_patches"]) == sum(len(f) for f in feats)
+    assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *SMALL_ENCODER,
+                 "heatmap.top_k=0", "heatmap.exports=[geojson]", "heatmap.precision=fp32", f"train.labels={labels}"]) == 0
+    logits, pct = {}, {}
+    for m in ("m0", "m1"):
+        summary = json.loads(layout.heatmap_summary("default", m).read_text())
+        assert summary["patient_id"] == "PM" and summary["bag_slides"] == ["m0", "m1"]
+        assert summary["outputs"][column] == pytest.approx(float(rows["PM"][column]), rel=1e-4, abs=1e-5)
+        with h5py.File(layout.heatmap_file("default", m, "scores.h5")) as fh:
+            logits[m], pct[m] = fh["attention_logits"][:], fh["attention_percentile"][:]
+    whole = np.concatenate([logits["m0"], logits["m1"]])
+    for m in ("m0", "m1"):
+        np.testing.assert_allclose(pct[m], percentile_rank(logits[m], whole), atol=1e-3)
+    assert pct["m1"].mean() != pytest.approx(50.0, abs=0.5) or pct["m0"].mean() != pytest.approx(50.0, abs=0.5)

@@ -303,7 +303,7 @@ def test_run_says_when_its_labels_are_not_used_because_a_complete_model_exists(m
                  f"train.labels={other}", "heatmap.exports=[png]", "heatmap.top_k=0"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
-    note = [line for line in stdout.splitlines() if "train.labels is ignored" in line]
+    note = [line for line in stdout.splitlines() if "train.labels is not trained on" in line]
     assert len(note) == 1 and "['normal', 'tumour']" in note[0] and "['A', 'B', 'C']" in note[0], stdout
 
 

@@ -151,17 +151,22 @@ def test_slide_tiles_are_the_slides_pixels(study, client):
     assert meta["width"] == 3072 and meta["height"] == 2560 and meta["mpp"] == pytest.approx(0.5)
 
 
-def test_a_study_made_by_the_real_stages_is_served_with_one_map_per_class(mapped, tmp_path):
+def _trained_study(mapped, tmp_path, labels_csv: str, *train_args) -> tuple[Path, TestClient]:
+    """The mapped slides trained on (one split, two epochs) and mapped by the real stages, served."""
     slides, out0 = mapped
     out = tmp_path / "out"
     shutil.copytree(out0, out)
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,label\nm0,a\nm1,b\nglass,c\n")
+    labels.write_text(labels_csv)
     common = ["--out", str(out), "--no-progress", *SMALL_ENCODER]
-    assert main(["train", *common, f"train.labels={labels}", "model.name=clam_mb", "train.folds=1",
-                 "train.val_fraction=0", "train.epochs=2", "model.hidden_dim=16", "model.attention_dim=8"]) == 0
+    assert main(["train", *common, f"train.labels={labels}", "train.folds=1", "train.val_fraction=0", "train.epochs=2",
+                 "model.hidden_dim=16", "model.attention_dim=8", *train_args]) == 0
     assert main(["heatmap", "--slides", str(slides), *common, "heatmap.top_k=1"]) == 0
-    client = local_client(create_app(Study(out, slides)))
+    return out, local_client(create_app(Study(out, slides)))
+
+
+def test_a_study_made_by_the_real_stages_is_served_with_one_map_per_class(mapped, tmp_path):
+    out, client = _trained_study(mapped, tmp_path, "slide_id,label\nm0,a\nm1,b\nglass,c\n", "model.name=clam_mb")
     rows = {r["slide_id"]: r for r in client.get("/api/study").json()["slides"]}
     assert rows["m1"]["label"] == "b" and rows["m1"]["prediction"] in {"a", "b", "c"}
     assert rows["glass"]["n_patches"] == 0 and not rows["glass"]["has_heatmap"]
@@ -175,6 +180,23 @@ def test_a_study_made_by_the_real_stages_is_served_with_one_map_per_class(mapped
         assert np.allclose(patches["percentile"][name], expected[k], atol=0.01)
         assert client.get(f"/tiles/m1/overlay/{name}/viridis/{meta['levels'] - 1}/1_1.png").status_code == 200
     assert client.get("/api/slides/glass/patches").status_code == 404
+
+
+def test_a_survival_study_made_by_the_real_stages_shows_time_event_and_risk(mapped, tmp_path):
+    """train (Cox) -> heatmap -> the study API: the task's columns, each slide's risk as the heatmap gives it,
+    its time and event from train's out-of-fold predictions, and one map (no classes) per slide."""
+    out, client = _trained_study(mapped, tmp_path, "slide_id,os,dead\nm0,30.5,0\nm1,4.25,1\nglass,12,1\n",
+                                 "train.task=survival", "train.survival.loss=cox", "train.survival.time_column=os",
+                                 "train.survival.event_column=dead", "train.batch_size=2")
+    study = client.get("/api/study").json()
+    assert study["task"] == "survival" and {"time", "event", "risk"} <= set(study["columns"])
+    rows = {r["slide_id"]: r for r in study["slides"]}
+    for sid, (time_, event) in {"m0": (30.5, 0), "m1": (4.25, 1)}.items():
+        summary = json.loads(Layout(out).heatmap_summary("default", sid).read_text())
+        assert rows[sid]["values"]["time"] == time_ and rows[sid]["values"]["event"] == event
+        assert rows[sid]["values"]["risk"] == pytest.approx(summary["outputs"]["risk"])
+        meta = client.get(f"/api/slides/{sid}").json()
+        assert meta["task"] == "survival" and meta["maps"] == ["attention"] and "risk" in meta["headline"]
 
 
 # -- safety --------------------------------------------------------------------------------------------
@@ -287,15 +309,13 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def server(study):
+def _serve(app):
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(Study(study / "out", study / "slides")), host="127.0.0.1",
-                                        port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -304,6 +324,40 @@ def server(study):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(study):
+    yield from _serve(create_app(Study(study / "out", study / "slides")))
+
+
+@pytest.fixture(scope="module")
+def survival_study(study, tmp_path_factory) -> tuple[Path, dict]:
+    """The study's slides under a survival run: heatmaps in the heatmap stage's format carrying a risk
+    (their summary's ``outputs``), and train's out-of-fold predictions with time, event and risk."""
+    out = tmp_path_factory.mktemp("survival") / "out"
+    shutil.copytree(study / "out", out, ignore=shutil.ignore_patterns("heatmaps", "models"))
+    layout = Layout(out)
+    ids = sorted(p.stem for p in (study / "slides").glob("*.svs"))
+    rng = np.random.default_rng(5)
+    truth = {sid: {"time": round(float(rng.uniform(1, 60)), 2), "event": int(i % 3 != 0),
+                   "risk": round(float(rng.normal()), 4)} for i, sid in enumerate(ids)}
+    for i, sid in enumerate(ids):
+        write_truth_heatmap(layout, "surv", sid, study / "truth", seed=i)
+        path = layout.heatmap_summary("surv", sid)
+        summary = json.loads(path.read_text())
+        risk = truth[sid]["risk"]
+        path.write_text(json.dumps({**summary, "task": "survival", "prediction": f"{risk:.3g}", "probabilities": {},
+                                    "outputs": {"risk": risk}, "title": f"risk: {risk:.3g}"}))
+    write_csv(layout.out_of_fold("surv"), [{"slide_id": sid, "patient_id": sid, "time": t["time"], "event": t["event"],
+                                           "fold": 0, "risk": t["risk"], "note": ""} for sid, t in truth.items()])
+    (layout.run_dir("surv") / "summary.json").write_text(json.dumps({"task": "survival"}))
+    return out, truth
+
+
+@pytest.fixture(scope="module")
+def survival_server(study, survival_study):
+    yield from _serve(create_app(Study(survival_study[0], study / "slides", run="surv")))
 
 
 @pytest.fixture(scope="module")
@@ -410,6 +464,32 @@ def test_study_page_lists_every_slide_without_console_errors(study, server, page
     page.click("th[data-key=n_patches]")
     patches = [int(t) for t in page.locator("#slides tbody tr td:nth-child(6)").all_inner_texts()]
     assert patches == sorted(patches)
+
+
+def test_a_survival_study_shows_time_event_and_risk_sortable_and_the_slide_page_its_risk(
+        study, survival_study, survival_server, page):
+    out, truth = survival_study
+    page.goto(survival_server)
+    page.wait_for_selector("body[data-ready]")
+    heads = page.locator("#slides thead th").all_inner_texts()
+    assert heads == ["thumbnail", "slide", "time", "event", "risk", "patches", "status"]
+    page.click("th[data-key=risk]")
+    names = page.locator("#slides tbody tr td:nth-child(2)").all_inner_texts()
+    risks = [float(t) for t in page.locator("#slides tbody tr td:nth-child(5)").all_inner_texts()]
+    assert names == sorted(truth, key=lambda sid: truth[sid]["risk"]) and risks == sorted(risks)
+    assert risks == pytest.approx(sorted(t["risk"] for t in truth.values()), abs=1e-3)
+    row = page.locator("#slides tbody tr", has_text="syn_001").first.locator("td").all_inner_texts()
+    assert float(row[2]) == truth["syn_001"]["time"] and row[3] == str(truth["syn_001"]["event"])
+    page.click("th[data-key=time]")
+    times = [float(t) for t in page.locator("#slides tbody tr td:nth-child(3)").all_inner_texts()]
+    assert times == sorted(times)
+    assert "survival" in page.inner_text("#run")
+    shot(page, "survival_study_page")
+    open_slide_page(page, survival_server, "syn_001")
+    text = page.inner_text("#prediction")
+    assert f"risk {truth['syn_001']['risk']:.3f}" in text and f"event {truth['syn_001']['event']}" in text
+    shot(page, "survival_slide_page")
+    assert page.problems == []
 
 
 def test_names_labels_and_reasons_are_shown_as_text_and_no_script_runs(study, server, page):

@@ -32,11 +32,16 @@ class StageOutcome:
 def labels_note(run: Path, cfg: Config) -> str | None:
     """A line when ``train.labels`` is given but a complete run already exists and is used instead: always
     that it was not retrained, and which classes differ when they do."""
-    classes = set(read_json(run / "summary.json", "run summary").get("classes") or [])
-    labels = {r["label"] for r in read_labels(cfg.train.labels, fold_case=cfg.train.fold_label_case)}
-    differ = "" if labels == classes else (f"; its classes {sorted(classes)} differ from the labels' "
-                                           f"{sorted(labels)}")
-    return (f"run: train.labels is ignored: the complete model {run} is used as it is{differ} "
+    summary = read_json(run / "summary.json", "run summary")
+    differ = ""
+    if summary.get("task", "classification") == "classification":  # other tasks have no classes to compare
+        classes = set(summary.get("classes") or [])
+        labels = {r["label"] for r in read_labels(cfg.train.labels, fold_case=cfg.train.fold_label_case)}
+        differ = "" if labels == classes else (f"; its classes {sorted(classes)} differ from the labels' "
+                                               f"{sorted(labels)}")
+    if summary.get("bag_level") == "patient":
+        differ += "; its slide -> patient map groups the slides into the model's patient bags"
+    return (f"run: train.labels is not trained on: the complete model {run} is used as it is{differ} "
             f"(to retrain, run 'wsi-mil train' or choose another train.run_name)")
 
 

@@ -3,8 +3,10 @@ and the per-patch measurements out. The heatmap stage only loads, calls this and
 percentile or raster arithmetic, and this module knows no model or encoder (they come in as arrays and a
 callable).
 
-The map is the predicted class's (per-class heads score every class; the others are kept and exported).
-Values are per-slide percentile ranks of the attention logits, so maps compare across slides. With
+The map is the predicted class's, or the most probable target's (per-class heads score every class or
+target; the others are kept and exported); one map for single-output tasks (survival risk, regression).
+Values are per-slide percentile ranks of the attention logits, so maps compare across slides; for a
+patient-level bag, ranks over the patient's whole bag, so its slides compare with each other. With
 ``heatmap.refine`` the patches of a denser grid (``refine_overlap``) that lie on tissue are scored by the
 same model and ranked against the base grid's logits; they join the raster but not the bag prediction.
 """
@@ -29,7 +31,7 @@ RefineScorer = Callable[[np.ndarray], np.ndarray]
 @dataclass(frozen=True)
 class SlideMap:
     scores: Scores
-    probabilities: dict[str, float]
+    values: dict[str, float]  # the bag's prediction in the task's columns (prob_<class>, risk, pred, ...)
     raster: np.ndarray  # percentile / 100 per raster pixel, NaN off tissue or where no patch lies
     raster_downsample: float
     measurements: dict[str, np.ndarray]  # per base patch, for the GeoJSON export
@@ -57,40 +59,59 @@ def dense_grid(coords: np.ndarray, spec: PatchSpec, mask: TissueMask | None, ove
     return np.array([c for c in dense.tolist() if tuple(c) not in known], np.int64).reshape(-1, 2)
 
 
-def _measurements(classes: list[str], probs: np.ndarray, att: np.ndarray, pct: np.ndarray,
-                  class_scores: np.ndarray | None, class_pct: np.ndarray | None) -> dict[str, np.ndarray]:
-    out = {"attention": att, "attention_percentile": pct}
-    if class_scores is not None:
-        for c, s_c, p_c in zip(classes, class_scores, class_pct):
-            out.update({f"attention_{c}": s_c, f"attention_percentile_{c}": p_c})
-    out.update({f"prob_{c}": np.full(len(att), p) for c, p in zip(classes, probs)})
+@dataclass(frozen=True)
+class BagScores:
+    """One bag's model outputs as the map needs them, whatever the task.
+
+    ``maps``: the names of the per-map rows (classes, targets; one name when there is one map) and
+    ``mapped`` the overlay's; ``attention`` (N,) the overlay's instance scores and ``rows`` (M, N) every
+    map's, or None; ``values``: the bag's prediction (task columns), copied onto every patch's
+    measurements. ``reference`` / ``row_reference``: the scores the percentiles rank against, when the bag
+    is larger than this slide (a patient's slides: one scale over all of them); None: this slide's own.
+    """
+
+    maps: list[str]
+    mapped: str
+    attention: np.ndarray
+    rows: np.ndarray | None
+    values: dict[str, float]
+    reference: np.ndarray | None = None
+    row_reference: np.ndarray | None = None
+
+
+def _measurements(bag: BagScores, pct: np.ndarray, row_pct: np.ndarray | None) -> dict[str, np.ndarray]:
+    out = {"attention": bag.attention, "attention_percentile": pct}
+    if bag.rows is not None:
+        for m, s_m, p_m in zip(bag.maps, bag.rows, row_pct):
+            out.update({f"attention_{m}": s_m, f"attention_percentile_{m}": p_m})
+    out.update({k: np.full(len(bag.attention), v) for k, v in bag.values.items()})
     return out
 
 
-def map_slide(ident: dict, classes: list[str], probs: np.ndarray, instance_scores: np.ndarray, coords: np.ndarray,
-              spec: PatchSpec, mask: TissueMask | None, h: HeatmapConfig,
-              refine: RefineScorer | None = None) -> SlideMap:
-    """``probs`` (C,) and ``instance_scores`` ((N,) or (C, N) for per-class heads) of one bag -> its map.
-    ``ident`` holds ``slide_id``, ``run`` and ``model_id`` for the scores file."""
-    k = int(np.argmax(probs))
-    per_class = instance_scores.ndim == 2
-    att = instance_scores[k] if per_class else instance_scores
-    pct = percentile_rank(att)
-    class_pct = np.stack([percentile_rank(s) for s in instance_scores]) if per_class else None
+def map_slide(ident: dict, bag: BagScores, coords: np.ndarray, spec: PatchSpec, mask: TissueMask | None,
+              h: HeatmapConfig, refine: RefineScorer | None = None) -> SlideMap:
+    """One slide's part of a bag's outputs -> its map. ``ident`` holds ``slide_id``, ``run`` and
+    ``model_id`` for the scores file."""
+    att, rows = bag.attention, bag.rows
+    ref = bag.attention if bag.reference is None else bag.reference
+    pct = percentile_rank(att, ref)
+    row_pct = None
+    if rows is not None:
+        row_ref = rows if bag.row_reference is None else bag.row_reference
+        row_pct = np.stack([percentile_rank(s, r) for s, r in zip(rows, row_ref)])
     new, new_pct = np.zeros((0, 2), np.int64), np.zeros(0)
     if refine is not None:
         new = dense_grid(coords, spec, mask, h.refine_overlap)
-        new_pct = percentile_rank(refine(new), att) if len(new) else new_pct
+        new_pct = percentile_rank(refine(new), ref) if len(new) else new_pct
     scores = Scores(coords=coords, spec=spec, logits=att.astype(np.float32), attention=softmax(att).astype(np.float32),
-                    percentile=pct.astype(np.float32), classes=list(classes), mapped_class=classes[k],
-                    class_logits=instance_scores.astype(np.float32) if per_class else None,
-                    class_percentile=class_pct.astype(np.float32) if per_class else None,
+                    percentile=pct.astype(np.float32), classes=list(bag.maps), mapped_class=bag.mapped,
+                    class_logits=None if rows is None else rows.astype(np.float32),
+                    class_percentile=None if rows is None else row_pct.astype(np.float32),
                     refined_coords=new, refined_percentile=new_pct.astype(np.float32), **ident)
     ds = raster_downsample(spec.slide_mpp, h.mpp, h.downsample)
-    points, values = scores.points("attention" if not per_class else classes[k])
+    points, values = scores.points("attention" if rows is None else bag.mapped)
     raster = score_raster(points, values / 100.0, float(spec.patch_size_level0), spec.level0_width,
                           spec.level0_height, ds)
     raster = smooth(clip_to_tissue(raster, None if mask is None else mask.mask),
                     h.smooth_sigma_um / (spec.slide_mpp * ds))
-    return SlideMap(scores, dict(zip(classes, map(float, probs))), raster, ds,
-                    _measurements(classes, probs, att, pct, instance_scores if per_class else None, class_pct))
+    return SlideMap(scores, dict(bag.values), raster, ds, _measurements(bag, pct, row_pct))

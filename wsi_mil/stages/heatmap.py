@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,10 +25,12 @@ from ..errors import ConfigError, WsiMilError
 from ..formats import PatchSpec, TissueMask, read_bag, read_tissue_mask, write_scores
 from ..heatmap import export
 from ..heatmap.raster import colorize
-from ..heatmap.scoring import SlideMap, map_slide
+from ..heatmap.scoring import BagScores, SlideMap, map_slide
 from ..layout import Layout, encoder_id
 from ..mil.checkpoint import check_compatible
 from ..mil.ensemble import Ensemble, model_path, resolve_model
+from ..mil.patients import group_slides, patient_map
+from ..mil.tasks.base import MapView
 from ..runner import per_process
 from ..slide import SlideRef
 from .base import SlideStage, open_configured
@@ -58,12 +61,8 @@ def ensemble(layout: Layout, cfg: Config, model: Model = None) -> Ensemble:
     once per process and again when its files change."""
     ref = model_ref(cfg, model)
     device = pick_device(cfg.train.device)
-    ens = per_process("ensemble", _stamp(model_path(layout, ref)) + str(device),
-                      lambda: Ensemble(resolve_model(layout, ref), device))
-    if ens.task.name != "classification":
-        raise WsiMilError(f"model {ens.path.name} is a {ens.task.name} run: heatmaps and the viewer follow "
-                          f"classification runs only so far; 'wsi-mil predict' gives its predictions")
-    return ens
+    return per_process("ensemble", _stamp(model_path(layout, ref)) + str(device),
+                       lambda: Ensemble(resolve_model(layout, ref), device))
 
 
 def summary_path(layout: Layout, slide_id: str, cfg: Config, model: Model = None) -> Path:
@@ -79,6 +78,43 @@ def _load_features(layout: Layout, slide_id: str, ens: Ensemble):
     return torch.from_numpy(feats), coords, spec
 
 
+@dataclass(frozen=True)
+class SlideBag:
+    """The bag a slide's map comes from: the slide itself, or (patient-level runs) its patient's slides
+    read one after the other; ``part`` is this slide's rows of it."""
+
+    features: torch.Tensor
+    coords: np.ndarray
+    spec: PatchSpec
+    part: slice
+    patient_id: str | None = None
+    slides: tuple[str, ...] = ()
+
+
+def _slide_bag(layout: Layout, cfg: Config, slide_id: str, ens: Ensemble) -> SlideBag:
+    feats, coords, spec = _load_features(layout, slide_id, ens)
+    patients = patient_map(ens.meta, cfg.train.labels)
+    if patients is None:
+        return SlideBag(feats, coords, spec, slice(0, len(coords)))
+    pid = patients.get(slide_id, slide_id)
+    have = [s for s, p in patients.items() if p == pid and layout.features(ens.meta.encoder_id, s).is_file()]
+    members = group_slides([*have, slide_id] if slide_id not in have else have, patients)[pid]
+    parts = [feats if s == slide_id else _load_features(layout, s, ens)[0] for s in members]
+    start = sum(len(f) for f in parts[:members.index(slide_id)])
+    return SlideBag(torch.cat(parts), coords, spec, slice(start, start + len(coords)), pid, tuple(members))
+
+
+def _bag_scores(ens: Ensemble, bag: SlideBag, precision: str):
+    """The bag's prediction as the task shows it, and this slide's part of its instance scores."""
+    output, scores = ens(bag.features, precision)
+    view = ens.task.map_view(output)
+    att, rows = view.pick(scores), view.rows(scores)
+    whole = bag.part != slice(0, len(bag.features))
+    return view, BagScores(view.maps or [view.mapped], view.mapped, att[bag.part],
+                           None if rows is None else rows[:, bag.part], view.values,
+                           att if whole else None, rows if whole else None)
+
+
 def _tissue_mask(layout: Layout, slide_id: str, spec: PatchSpec) -> TissueMask | None:
     """The full-resolution tissue mask from the patch file (older files: the mask PNG)."""
     path = layout.patches(slide_id)
@@ -89,9 +125,10 @@ def _tissue_mask(layout: Layout, slide_id: str, spec: PatchSpec) -> TissueMask |
     return None if png is None else TissueMask(png > 127, spec.tissue_mpp, spec.level0_width / png.shape[1])
 
 
-def _refine_scorer(slide: SlideRef, cfg: Config, ens: Ensemble, spec: PatchSpec, precision: str, k: int):
+def _refine_scorer(slide: SlideRef, cfg: Config, ens: Ensemble, spec: PatchSpec, precision: str, view: MapView):
     """Instance scores of new patches: extracted with the model's encoder (only the new ones), scored by the
-    same ensemble at the base grid's precision, the mapped class's row for per-class heads."""
+    same ensemble at the base grid's precision, picked as the overlay's (the mapped class's row for
+    per-class heads)."""
     from ..features.dataset import patch_dataset
     from ..features.engine import extract_patches, prepared_encoder
 
@@ -103,7 +140,7 @@ def _refine_scorer(slide: SlideRef, cfg: Config, ens: Ensemble, spec: PatchSpec,
         feats, _ = extract_patches(prep, patch_dataset(slide.path, new, spec, prep.encoder.geometry,
                                                        cfg.extract.read_group), cfg.extract)
         _, scores = ens(torch.from_numpy(feats), precision)
-        return scores[k] if scores.ndim == 2 else scores
+        return view.pick(scores)
 
     return score
 
@@ -112,27 +149,32 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout, model: Model = N
     """Map one slide. Its folder is built whole under a temp name and swapped in: a slide that fails (or a
     killed run) leaves the previous folder or none, never a partial one the viewer would offer."""
     ens = ensemble(layout, cfg, model)
-    feats, coords, spec = _load_features(layout, slide.slide_id, ens)
+    bag = _slide_bag(layout, cfg, slide.slide_id, ens)
     ident = {"slide_id": slide.slide_id, "run": run_name(cfg, model), "model_id": ens.model_id}
     with atomic_path(layout.heatmap_dir(run_name(cfg, model), slide.slide_id)) as folder:
         folder.mkdir()
-        if len(coords) == 0:  # glass only: there is nothing to map and no prediction to make
+        if len(bag.coords) == 0:  # glass only: there is nothing to map (nor, for a slide bag, to predict)
             export.summary_json(folder / "summary.json", {
-                **ident, "prediction": None, "n_patches": 0, "note": "0 patches (no tissue): nothing to map"})
+                **ident, "task": ens.task.name, "prediction": None, "n_patches": 0,
+                "note": "0 patches (no tissue): nothing to map"})
             return "0 patches: nothing to map"
         precision = cpu_precision(cfg.heatmap.precision)
-        probs, scores = ens(feats, precision)
-        k = int(np.argmax(probs))
-        refine = _refine_scorer(slide, cfg, ens, spec, precision, k) if cfg.heatmap.refine else None
-        result = map_slide(ident, ens.classes, probs, scores, coords, spec,
-                           _tissue_mask(layout, slide.slide_id, spec), cfg.heatmap, refine)
+        view, scores = _bag_scores(ens, bag, precision)
+        refine = _refine_scorer(slide, cfg, ens, bag.spec, precision, view) if cfg.heatmap.refine else None
+        result = map_slide(ident, scores, bag.coords, bag.spec, _tissue_mask(layout, slide.slide_id, bag.spec),
+                           cfg.heatmap, refine)
         write_scores(folder / "scores.h5", result.scores)
-        extra = _exports(slide, cfg, folder, result)
-        export.summary_json(folder / "summary.json", _summary(ident, cfg, ens, result, precision, extra))
-    return f"{result.prediction} ({probs.max():.2f}), {len(coords)} patches"
+        extra = _exports(slide, cfg, folder, result, _title(slide.slide_id, view, bag))
+        export.summary_json(folder / "summary.json", _summary(ident, cfg, ens, view, bag, result, precision, extra))
+    return f"{view.text}, {len(bag.coords)} patches"
 
 
-def _exports(slide: SlideRef, cfg: Config, folder: Path, result: SlideMap) -> dict:
+def _title(slide_id: str, view: MapView, bag: SlideBag) -> str:
+    patient = f"  patient {bag.patient_id} ({len(bag.slides)} slides)" if bag.patient_id is not None else ""
+    return f"{slide_id}{patient}  {view.text}"
+
+
+def _exports(slide: SlideRef, cfg: Config, folder: Path, result: SlideMap, title: str) -> dict:
     h, s = cfg.heatmap, result.scores
     extra: dict = {}
     with open_configured(slide, cfg) as reader, ThreadPoolExecutor(2) as pool:
@@ -141,20 +183,28 @@ def _exports(slide: SlideRef, cfg: Config, folder: Path, result: SlideMap) -> di
             colour=colorize(result.raster, h.cmap), raster_mpp=s.spec.slide_mpp * result.raster_downsample,
             coords=s.coords, size0=s.spec.patch_size_level0, patch_level=s.spec.patch_level,
             patch_size_level=s.spec.patch_size_level, measurements=result.measurements, percentile=s.percentile,
-            title=f"{slide.slide_id}  pred: {result.prediction} ({max(result.probabilities.values()):.2f})",
-            cmap=h.cmap, alpha=h.alpha, top_k=h.top_k)
+            title=title, cmap=h.cmap, alpha=h.alpha, top_k=h.top_k)
         # exports are independent and mostly encode outside the GIL: two threads overlap them
         for done in [f.result() for f in [pool.submit(export.EXPORTS[name], job) for name in h.exports]]:
             extra.update(done or {})
     return extra
 
 
-def _summary(ident: dict, cfg: Config, ens: Ensemble, result: SlideMap, precision: str, extra: dict) -> dict:
+def _summary(ident: dict, cfg: Config, ens: Ensemble, view: MapView, bag: SlideBag, result: SlideMap,
+             precision: str, extra: dict) -> dict:
+    """summary.json: the task's prediction (``prediction``: the class, top target, or rounded risk or
+    value; ``outputs``: the task's columns; ``probabilities`` for classification and multi-label), the
+    bag (a patient's slides), the map and the exports."""
     spec, ds = result.scores.spec, result.raster_downsample
+    probs = {k[5:]: v for k, v in view.values.items() if k.startswith("prob_")}
     return {
-        **ident, "prediction": result.prediction, "probabilities": result.probabilities,
-        "model": ens.meta.model["name"], "n_models": len(ens.models), "mapped_class": result.prediction,
-        "per_class_maps": ens.per_class, "encoder_id": ens.meta.encoder_id, "n_patches": len(result.scores.coords),
+        **ident, "task": ens.task.name, "prediction": view.label, "outputs": view.values, "probabilities": probs,
+        "title": view.text, "bag_level": "patient" if bag.patient_id is not None else "slide",
+        "patient_id": bag.patient_id, "bag_slides": list(bag.slides) or [ident["slide_id"]],
+        "n_bag_patches": len(bag.features),
+        "model": ens.meta.model["name"], "n_models": len(ens.models), "mapped_class": view.mapped,
+        "maps": list(view.maps), "per_class_maps": result.scores.class_percentile is not None,
+        "encoder_id": ens.meta.encoder_id, "n_patches": len(result.scores.coords),
         "n_refined_patches": result.n_refined, "raster_mpp": spec.slide_mpp * ds, "raster_downsample": ds,
         "raster_shape": list(result.raster.shape), "precision": precision, "heatmap": config_to_dict(cfg.heatmap),
         **extra,

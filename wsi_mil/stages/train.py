@@ -201,5 +201,7 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
         shown = {"auroc": "AUROC", "c_index": "c-index", "r2": "R²", "macro_auroc": "macro AUROC"}.get(key, key)
         score = (f"{shown} {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms
                  else "no test folds")
-        print(f"train: {len(data.bags)} slides, {model_name} on {data.encoder_id} features; {score}; -> {final}")
+        bags = (f"{summary['n_bags']} patients ({summary['n_slides']} slides)" if summary["bag_level"] == "patient"
+                else f"{summary['n_bags']} slides")
+        print(f"train: {bags}, {model_name} on {data.encoder_id} features; {score}; -> {final}")
     return summary, final

@@ -266,7 +266,7 @@ def _slide_meta(study: Study, view: SlideView, slide_id: str) -> dict:
     mapped = s.mapped_class if s is not None else None
     summary = study.heatmap_summary(slide_id) or {}
     return {
-        **entry.to_json(), "run": study.run, "width": view.width, "height": view.height, "mpp": view.mpp,
+        **entry.to_json(), "run": study.run, "task": study.task, "width": view.width, "height": view.height, "mpp": view.mpp,
         "tile_size": TILE, "levels": view.dz.level_count, "maps": maps,
         "default_map": mapped if mapped in maps else (maps[0] if maps else None),
         "classes": s.classes if s is not None else [],
@@ -300,8 +300,8 @@ def create_app(study: Study, token: str | None = None, cache_bytes: int = 256 <<
         if study.refresh():  # a stage ran meanwhile: reopen slides and drop tiles rendered from old scores
             views.clear()
             cache.clear()
-        return _json({"out": study.layout.root.name, "run": study.run,
-                      "slides": [e.to_json() for e in study.slides.values()]})
+        return _json({"out": study.layout.root.name, "run": study.run, "task": study.task,
+                      "columns": study.columns, "slides": [e.to_json() for e in study.slides.values()]})
 
     def api_slide(request: Request) -> Response:
         slide_id = request.path_params["slide_id"]

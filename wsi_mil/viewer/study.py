@@ -8,6 +8,7 @@ output folder (a symlink out of the study is treated as absent).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from ..slide.discover import discover_slides
 from ..userfiles import read_csv_rows
 
 STAGES = ("tile", "extract", "heatmap")
+CLASS_COLUMNS = ["label", "prediction", "probability"]
+BOOKKEEPING = {"slide_id", "slides", "fold", "note", "n_patches", "model_id", "split"}
 
 
 @dataclass
@@ -32,6 +35,8 @@ class SlideEntry:
     status: dict[str, str] = field(default_factory=dict)  # stage -> done | failed | skipped
     reasons: list[str] = field(default_factory=list)  # "stage: one-line reason" of failed stages
     has_heatmap: bool = False
+    values: dict[str, float | str] = field(default_factory=dict)  # the task's columns (survival, regression, ...)
+    headline: str | None = None  # the task's prediction in words, as the heatmap's title gives it
 
     @property
     def probability(self) -> float | None:
@@ -66,11 +71,14 @@ class Study:
         self._extensions = extensions or [".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif",
                                           ".vms", ".vmu"]
         self._stamp = self._changes()
+        self.task, self.columns = "classification", list(CLASS_COLUMNS)
         self.slides = self._load(self._source, self._extensions)
 
     def _changes(self) -> tuple:
-        """What moves when a stage records a slide: the manifest, the patch and heatmap folders."""
-        paths = (self.layout.manifest, self.layout.patches_dir, self.layout.heatmaps_dir(self.run))
+        """What moves when a stage records a slide: the manifest, the patch and heatmap folders, the
+        predictions."""
+        paths = (self.layout.manifest, self.layout.patches_dir, self.layout.heatmaps_dir(self.run),
+                 self.layout.predictions(self.run))
         return tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in paths)
 
     def refresh(self) -> bool:
@@ -134,19 +142,44 @@ class Study:
             for p in sorted(self.layout.heatmaps_dir(self.run).iterdir()):
                 if p.is_dir() and is_data_name(p.name):  # not a slide folder still being built
                     entry(p.name)
-        labels = self._csv_by_slide(self.layout.out_of_fold(self.run))
-        predicted = {**labels, **self._csv_by_slide(self.layout.predictions(self.run))}
+        labels, label_cols = self._csv_by_slide(self.layout.out_of_fold(self.run))
+        new, new_cols = self._csv_by_slide(self.layout.predictions(self.run))
+        predicted = {**labels, **new}
         for sid, e in entries.items():
             self._fill(e, labels.get(sid), predicted.get(sid))
+        self.task = self._run_task(entries)
+        if self.task != "classification":
+            seen = [c for e in entries.values() for c in e.values]
+            grouped = any(str(e.values.get("patient_id", sid)) != sid for sid, e in entries.items())
+            hidden = BOOKKEEPING | (set() if grouped else {"patient_id"})  # the patient only where it groups slides
+            self.columns = list(dict.fromkeys(c for c in [*label_cols, *new_cols, *seen] if c not in hidden))
         return dict(sorted(entries.items()))
 
-    def _csv_by_slide(self, path: Path) -> dict[str, dict]:
-        if self.inside(path) is None:
-            return {}
+    def _run_task(self, entries: dict[str, SlideEntry]) -> str:
+        """The run's task: its summary.json's, else its heatmaps'; classification for older runs."""
+        path = self.inside(self.layout.run_dir(self.run) / "summary.json")
         try:
-            return {r.get("slide_id", ""): r for r in read_csv_rows(path, path.name)}
+            task = json.loads(path.read_text(encoding="utf-8")).get("task") if path else None
+        except (OSError, ValueError, AttributeError):
+            task = None
+        if task is None:
+            tasks = [(self.heatmap_summary(sid) or {}).get("task") for sid in entries if entries[sid].has_heatmap]
+            task = next((t for t in tasks if t), None)
+        return str(task or "classification")
+
+    def _csv_by_slide(self, path: Path) -> tuple[dict[str, dict], list[str]]:
+        """A predictions CSV's rows by slide (a patient's row under each of its ``slides``), and its header."""
+        if self.inside(path) is None:
+            return {}, []
+        try:
+            rows = read_csv_rows(path, path.name)
         except WsiMilError:
-            return {}
+            return {}, []
+        by_slide = {}
+        for r in rows:
+            for sid in (str(r.get("slides") or "").split(";") if r.get("slides") else [r.get("slide_id", "")]):
+                by_slide[sid] = r
+        return by_slide, list(rows[0]) if rows else []
 
     def _fill(self, e: SlideEntry, labelled: dict | None, predicted: dict | None) -> None:
         patches = self.patches_file(e.slide_id)
@@ -167,4 +200,25 @@ class Study:
             e.probabilities = {str(k): float(v) for k, v in (summary.get("probabilities") or {}).items()}
         elif predicted:
             e.prediction = predicted.get("pred") or None
-            e.probabilities = {k[5:]: float(v) for k, v in predicted.items() if k.startswith("prob_") and v}
+            e.probabilities = {k[5:]: float(v) for k, v in predicted.items() if k.startswith("prob_") and _number(v)}
+        for row in (labelled, predicted):
+            e.values.update({k: _cell(v) for k, v in (row or {}).items() if k not in BOOKKEEPING and v not in ("", None)})
+        if summary is not None:
+            e.values.update({str(k): float(v) for k, v in (summary.get("outputs") or {}).items()})
+            e.headline = summary.get("title")
+        if e.headline is None and e.values:
+            e.headline = "  ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in e.values.items()
+                                   if k not in ("label", "patient_id"))
+
+
+def _number(text) -> bool:
+    """A finite number (a NaN or inf cell stays text: JSON has no such numbers)."""
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def _cell(text) -> float | str:
+    """A CSV cell as a number where it is one (sortable), else its text."""
+    return float(text) if _number(text) else str(text)

@@ -9,6 +9,7 @@ the training data only, such as survival intervals.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -18,6 +19,34 @@ from ...errors import WsiMilError
 from ..data import Bag
 
 TASKS: dict[str, type[Task]] = {}
+
+
+@dataclass(frozen=True)
+class MapView:
+    """What a heatmap shows of one bag's prediction under a task.
+
+    ``values``: the task's prediction columns (``prob_<class>``; ``risk``; ``pred``; ``prob_<target>``);
+    ``text``: the overlay title's words for them; ``maps``: the names of a per-class head's instance-score
+    rows, one map each (empty: the rows collapse into one map, see :meth:`pick`); ``mapped``: the map the
+    overlay shows.
+    """
+
+    text: str
+    values: dict[str, float]
+    maps: list[str]
+    mapped: str
+    label: str  # the one-word prediction (a class, the top target, or the rounded risk or value)
+
+    def pick(self, scores: np.ndarray) -> np.ndarray:
+        """The overlay's instance scores (N,): the mapped row of per-class scores; the mean of the rows where
+        they collapse (a per-class head under a single-output task, e.g. survival's per-interval branches)."""
+        if scores.ndim == 1:
+            return scores
+        return scores[self.maps.index(self.mapped)] if self.maps else scores.mean(0)
+
+    def rows(self, scores: np.ndarray) -> np.ndarray | None:
+        """The per-map scores (M, N) kept beside the overlay's, or None when there is one map."""
+        return scores if scores.ndim == 2 and self.maps else None
 
 
 def register(cls: type[Task]) -> type[Task]:
@@ -125,6 +154,12 @@ class Task:
     def ensemble_row(self, output: np.ndarray | None) -> dict:
         """predict's cells for a bag's averaged output (None: no prediction)."""
         raise NotImplementedError
+
+    def map_view(self, output: np.ndarray) -> MapView:
+        """A bag's averaged output as the heatmap shows it (default: one value, e.g. a risk; one map)."""
+        (name,) = self.ensemble_columns()
+        value = float(output[0])
+        return MapView(f"{name}: {value:.3g}", {name: value}, [], name, f"{value:.3g}")
 
 
 def task_from_checkpoint(meta) -> Task:

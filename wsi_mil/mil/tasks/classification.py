@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from ..data import Bag
 from ..metrics import classification_metrics
-from .base import Task, register
+from .base import MapView, Task, register
 
 
 @register
@@ -64,6 +64,13 @@ class Classification(Task):
         row = {f"prob_{c}": "" if output is None else f"{output[k]:.6f}" for k, c in enumerate(self.classes)}
         row["pred"] = "" if output is None else self.classes[int(np.argmax(output))]
         return row
+
+    def map_view(self, output: np.ndarray) -> MapView:
+        """The predicted class's map (per-class heads: one map per class)."""
+        k = int(np.argmax(output))
+        values = {f"prob_{c}": float(p) for c, p in zip(self.classes, output)}
+        return MapView(f"pred: {self.classes[k]} ({output[k]:.2f})", values, list(self.classes), self.classes[k],
+                       self.classes[k])
 
     def describe(self) -> dict:
         return {"task": self.name, "classes": self.classes}

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from ...errors import WsiMilError
 from ..data import Bag
-from .base import Task, parse_rows, register
+from .base import MapView, Task, parse_rows, register
 
 
 def _matrix(bags: list[Bag]) -> np.ndarray:
@@ -95,6 +95,13 @@ class MultiLabel(Task):
 
     def ensemble_row(self, output: np.ndarray | None) -> dict:
         return {f"prob_{t}": "" if output is None else f"{output[k]:.6f}" for k, t in enumerate(self.targets)}
+
+    def map_view(self, output: np.ndarray) -> MapView:
+        """One map per target for per-class heads; the overlay shows the most probable target's."""
+        k = int(np.argmax(output))
+        values = {f"prob_{t}": float(p) for t, p in zip(self.targets, output)}
+        text = "  ".join(f"{t} {p:.2f}" for t, p in zip(self.targets, output))
+        return MapView(text, values, list(self.targets), self.targets[k], self.targets[k])
 
     def describe(self) -> dict:
         return {"task": self.name, "targets": self.targets}

@@ -79,9 +79,9 @@ function onHover(event) {
   if (i < 0) { box.style.display = "none"; return; }
   const m = $("map").value;
   const probs = Object.entries(wsi.meta.probabilities).map(([c, v]) => `  p(${c}) = ${v.toFixed(3)}`).join("\n");
+  const bag = wsi.meta.task === "classification" ? `slide probabilities:\n${probs}` : `prediction: ${wsi.meta.headline}`;
   box.textContent = `patch ${i}  (${wsi.patches.x[i]}, ${wsi.patches.y[i]})\n` +
-    `attention ${wsi.patches.logit[m][i].toFixed(3)}\npercentile ${wsi.patches.percentile[m][i].toFixed(1)}\n` +
-    `slide probabilities:\n${probs}`;
+    `attention ${wsi.patches.logit[m][i].toFixed(3)}\npercentile ${wsi.patches.percentile[m][i].toFixed(1)}\n` + bag;
   box.style.left = `${event.position.x + 14}px`;
   box.style.top = `${event.position.y + 14}px`;
   box.style.display = "block";
@@ -136,8 +136,14 @@ async function main() {
   document.title = `wsi-mil: ${meta.slide_id}`;
   $("title").textContent = meta.slide_id;
   const label = meta.label == null ? "" : `label ${meta.label} · `;
-  $("prediction").textContent = meta.prediction == null ? label :
-    `${label}prediction ${meta.prediction} (${meta.probability.toFixed(3)})`;
+  if (meta.task !== "classification") {  // survival, regression, multi-label: the task's columns
+    $("prediction").textContent = Object.entries(meta.values)
+      .filter(([k, v]) => !(k === "patient_id" && v === meta.slide_id))  // a patient shown only when it groups slides
+      .map(([k, v]) => `${k} ${typeof v === "number" && !Number.isInteger(v) ? v.toFixed(3) : v}`).join(" · ");
+  } else {
+    $("prediction").textContent = meta.prediction == null ? label :
+      `${label}prediction ${meta.prediction} (${meta.probability.toFixed(3)})`;
+  }
   for (const c of Object.keys(wsi.colormaps)) $("cmap").add(new Option(c, c));
   for (const m of meta.maps) $("map").add(new Option(m, m));
   if (meta.default_map) $("map").value = meta.default_map;

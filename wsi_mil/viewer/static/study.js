@@ -1,6 +1,6 @@
 // The study page: one row per slide. Every value from the study is set with textContent (never as HTML).
 "use strict";
-const state = { slides: [], key: "slide_id", dir: 1, filter: "" };
+const state = { slides: [], columns: [], key: "slide_id", dir: 1, filter: "" };
 
 function cell(tr, text, cls) {
   const td = document.createElement("td");
@@ -14,10 +14,33 @@ function statusText(s) {
   return Object.entries(s.status).map(([stage, st]) => `${stage}: ${st}`).join(", ");
 }
 
+function value(s, key) {  // the task's columns (risk, time, pred, prob_<target>...) or the slide's own fields
+  return s.values && key in s.values ? s.values[key] : s[key];
+}
+
+function shown(v) {
+  if (typeof v !== "number") return v;
+  return Number.isInteger(v) ? String(v) : v.toFixed(3);
+}
+
 function sortValue(s, key) {
   if (key === "status") return statusText(s);
-  const v = s[key];
+  const v = value(s, key);
   return v == null ? "" : v;
+}
+
+function header() {  // thumbnail, slide, the task's columns, patches, status
+  const tr = document.querySelector("#slides thead tr");
+  const fixed = [["thumb", "thumbnail"], ["slide_id", "slide"]];
+  const cols = [...fixed, ...state.columns.map(c => [c, c]), ["n_patches", "patches"], ["status", "status"]];
+  tr.replaceChildren();
+  for (const [key, title] of cols) {
+    const th = document.createElement("th");
+    th.dataset.key = key;
+    th.textContent = title;
+    if (key === "thumb") th.dataset.nosort = "";
+    tr.appendChild(th);
+  }
 }
 
 function render() {
@@ -25,8 +48,8 @@ function render() {
   body.replaceChildren();
   const f = state.filter.toLowerCase();
   const rows = state.slides
-    .filter(s => !f || [s.slide_id, s.label, s.prediction, statusText(s), s.reasons.join(" ")]
-      .some(v => v && String(v).toLowerCase().includes(f)))
+    .filter(s => !f || [s.slide_id, ...state.columns.map(c => value(s, c)), statusText(s), s.reasons.join(" ")]
+      .some(v => v != null && String(v).toLowerCase().includes(f)))
     .sort((a, b) => {
       const x = sortValue(a, state.key), y = sortValue(b, state.key);
       return (typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y))) * state.dir;
@@ -52,9 +75,7 @@ function render() {
       name.textContent = s.slide_id;
       name.title = "slide file not found: pass --slides";
     }
-    cell(tr, s.label);
-    cell(tr, s.prediction);
-    cell(tr, s.probability == null ? "" : s.probability.toFixed(3));
+    for (const c of state.columns) cell(tr, shown(value(s, c)));
     cell(tr, s.n_patches);
     const st = cell(tr, statusText(s), s.reasons.length ? "failed" : "");
     for (const r of s.reasons) {
@@ -75,8 +96,10 @@ async function main() {
   const res = await fetch("/api/study");
   const study = await res.json();
   state.slides = study.slides;
+  state.columns = study.columns;
+  header();
   document.getElementById("study-name").textContent = study.out;
-  document.getElementById("run").textContent = `run: ${study.run}`;
+  document.getElementById("run").textContent = `run: ${study.run} (${study.task})`;
   document.title = `wsi-mil: ${study.out}`;
   for (const th of document.querySelectorAll("th")) {
     if (th.hasAttribute("data-nosort")) continue;
