@@ -55,8 +55,9 @@ lint: venv  ## ruff, and the layering contracts in pyproject.toml (import-linter
 test: lint browser  ## lint, then the whole test suite (browser tests in Debian's Chromium)
 	$(VENV)/bin/pytest -q
 
-demo: venv  ## whole pipeline on generated synthetic slides (demo_out/)
-	$(PY) pipelines/demo.py --out demo_out $(ARGS)
+TASK ?= classification
+demo: venv  ## whole pipeline on generated synthetic slides (demo_out/; TASK=survival: demo_out_survival/)
+	$(PY) pipelines/demo.py --task $(TASK) $(ARGS)
 
 bench: venv  ## throughput figures (see docs/benchmarks.md)
 	$(PY) -m pipelines.bench $(ARGS)
@@ -91,4 +92,4 @@ config: venv  ## print the effective config as commented YAML  (CONFIG=, ARGS=)
 	$(WSI_MIL) config $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 clean:  ## remove outputs of demo and bench (keeps .venv)
-	rm -rf demo_out .bench out .pytest_cache build/screenshots
+	rm -rf demo_out demo_out_survival .bench out .pytest_cache build/screenshots

@@ -43,6 +43,7 @@ class SyntheticSpec:
     level_factor: int = 2
     min_level_size: int = 512
     blank: bool = False  # glass only: no tissue at all
+    tumour_share: float = 0.35  # with ``tumour``: the share of the tissue that is tumour
 
 
 # -- design fields ------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def design_fields(spec: SyntheticSpec) -> dict[str, np.ndarray]:
     tumour = np.zeros((gh, gw), bool)
     if spec.tumour and tissue.any():
         t = _smooth_noise(rng, (gh, gw), 0.07 * small)
-        thr = np.quantile(t[tissue], 0.65)
+        thr = np.quantile(t[tissue], 1 - spec.tumour_share)
         tumour = (t > thr) & tissue
     fields["tumour"] = tumour.astype(np.float32)
 
@@ -284,4 +285,48 @@ def make_cohort(out_dir: str | Path, n_slides: int = 6, width: int = 3072, heigh
         rows.append({"slide_id": sid, "label": "tumour" if positive else "normal",
                      "patient_id": f"P{(i // 4) * 2 + i % 2:03d}"})
     write_csv(out_dir / "labels.csv", rows)
+    return out_dir
+
+
+def make_survival_cohort(out_dir: str | Path, n_slides: int = 24, width: int = 2048, height: int = 2048,
+                         mpp: float = 0.5, seed: int = 0, beta: float = 5.0, censoring: float = 0.3) -> Path:
+    """Slides whose survival depends on their tumour burden, for ``make demo TASK=survival``.
+
+    Slide i has a tumour share b_i of its tissue (b = 0 for a quarter of the slides, else U(0.1, 0.6)),
+    and a true hazard h_i = 0.05 exp(beta * b_i) per month. Event times are exponential with that hazard;
+    censoring times are exponential with one rate for the cohort, chosen so that about ``censoring`` of
+    the slides are censored (exactly: the expected fraction h_c / (h_c + h_i), averaged, equals it).
+    ``labels.csv`` has ``slide_id, time, event, patient_id`` (one slide per patient);
+    ``survival_truth.csv`` the measured burden (the tumour truth mask over the tissue truth mask) and the
+    true log hazard, from which the oracle c-index is computed.
+    """
+    out_dir = Path(out_dir)
+    slides_dir = out_dir / "slides"
+    slides_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    share = np.where(np.arange(n_slides) % 4 == 0, 0.0, rng.uniform(0.1, 0.6, n_slides))
+    log_hazard = np.log(0.05) + beta * share
+    hazard = np.exp(log_hazard)
+    lo, hi = 1e-6, 10.0  # the censoring rate whose expected censored share is ``censoring`` (bisection)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(mid / (mid + hazard)) < censoring else (lo, mid)
+    t_event, t_censor = rng.exponential(1 / hazard), rng.exponential(1 / lo, n_slides)
+    rows, truth = [], []
+    for i in range(n_slides):
+        sid = f"surv_{i:03d}"
+        spec = SyntheticSpec(width=width, height=height, mpp=mpp, tumour=bool(share[i] > 0), tumour_share=float(max(share[i], 0.01)),
+                             seed=seed * 1000 + i, debris=i % 5 == 3)
+        path = slides_dir / f"{sid}.svs"
+        if not path.exists():
+            write_slide(path, spec, out_dir / "truth")
+        tissue, _ = load_truth(out_dir / "truth", sid, "tissue")
+        tumour, _ = load_truth(out_dir / "truth", sid, "tumour")
+        event = int(t_event[i] <= t_censor[i])
+        rows.append({"slide_id": sid, "time": f"{min(t_event[i], t_censor[i]):.3f}", "event": event,
+                     "patient_id": f"S{i:03d}"})
+        truth.append({"slide_id": sid, "burden": f"{tumour.sum() / max(1, tissue.sum()):.4f}",
+                      "log_hazard": f"{log_hazard[i]:.6f}"})
+    write_csv(out_dir / "labels.csv", rows)
+    write_csv(out_dir / "survival_truth.csv", truth)
     return out_dir
