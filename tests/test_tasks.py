@@ -514,7 +514,7 @@ TASK_ARGS = {
 }
 
 
-def _real_cohort(mapped, tmp_path, n=12, patients=False):
+def _real_cohort(mapped, tmp_path, n=12, patients=False, task="classification"):
     """Copies of the tiled-and-extracted m0 (no tumour) and m1 (tumour) feature files as a training cohort
     (t00.. alternating), with labels that follow the tumour: shorter survival, higher value, target A.
     With ``patients``, t<2k> and t<2k+1> are patient Q<k>, and m0 and m1 together are patient PM."""
@@ -539,6 +539,8 @@ def _real_cohort(mapped, tmp_path, n=12, patients=False):
             first = rows[2 * (int(r["slide_id"][1:]) // 2)]
             r.update({k: first[k] for k in ("label", "os_months", "dead", "value", "A", "B")})
         rows += [{**rows[1], "slide_id": m, "patient_id": "PM"} for m in ("m0", "m1")]
+    if task == "regression":  # the numeric target is the label column
+        rows = [{**r, "label": r["value"]} for r in rows]
     labels = tmp_path / "labels.csv"
     with labels.open("w", newline="") as fh:
         w = csv.DictWriter(fh, ["slide_id", "patient_id", "label", "os_months", "dead", "value", "A", "B"])
@@ -587,12 +589,8 @@ def test_heatmaps_carry_the_tasks_prediction_in_summary_title_and_geojson(task, 
 
     from wsi_mil.layout import Layout
 
-    slides, out, train_feats, labels = _real_cohort(mapped, tmp_path)
-    label_args = ["train.task=regression", "train.label_columns=[A,B]"]
-    if task == "regression":
-        text = labels.read_text().replace(",label,", ",old_label,").replace(",value,", ",label,")
-        labels.write_text(text)
-    assert _train_real(out, train_feats, labels, *TASK_ARGS[task]) == 0, label_args
+    slides, out, train_feats, labels = _real_cohort(mapped, tmp_path, task=task)
+    assert _train_real(out, train_feats, labels, *TASK_ARGS[task]) == 0
     run = out / "models" / "default"
     assert main(["predict", "--out", str(out), "--no-progress", "--model", str(run)]) == 0
     predicted = {r["slide_id"]: r for r in _csv(out / "predictions" / "default.csv")}
@@ -621,7 +619,7 @@ def test_heatmaps_carry_the_tasks_prediction_in_summary_title_and_geojson(task, 
     assert (layout.heatmap_file("default", "m1", "overlay.png")).read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("task", ["classification", "survival_cox"])
+@pytest.mark.parametrize("task", ["classification", "survival_cox", "regression", "multilabel"])
 def test_patient_bags_are_predicted_per_patient_and_mapped_on_one_scale_across_its_slides(task, mapped, tmp_path):
     """A patient-level run: predict groups the slides by patient (train.labels' patient_id) and gives one
     row per patient, the bag of both slides; each slide's heatmap carries that prediction, and its
@@ -632,7 +630,7 @@ def test_patient_bags_are_predicted_per_patient_and_mapped_on_one_scale_across_i
     from wsi_mil.layout import Layout
     from wsi_mil.mil.ensemble import Ensemble
 
-    slides, out, train_feats, labels = _real_cohort(mapped, tmp_path, patients=True)
+    slides, out, train_feats, labels = _real_cohort(mapped, tmp_path, patients=True, task=task)
     extra = TASK_ARGS.get(task, [])
     assert _train_real(out, train_feats, labels, "train.bag_level=patient", *extra) == 0
     run = out / "models" / "default"
@@ -642,7 +640,7 @@ def test_patient_bags_are_predicted_per_patient_and_mapped_on_one_scale_across_i
     layout = Layout(out)
     feats = [h5py.File(layout.features("resnet18", m))["features"][:] for m in ("m0", "m1")]
     output, _ = Ensemble(run)(torch.from_numpy(np.concatenate(feats)))
-    column = "risk" if task != "classification" else "prob_normal"
+    column = {"classification": "prob_normal", "survival_cox": "risk", "regression": "pred", "multilabel": "prob_A"}[task]
     assert float(rows["PM"][column]) == pytest.approx(float(output[0]), rel=1e-4, abs=1e-5)
     assert int(rows["PM"]["n_patches"]) == sum(len(f) for f in feats)
     assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *SMALL_ENCODER,

@@ -75,8 +75,14 @@ class Regression(Task):
         return 1
 
     def strata(self, bags: list[Bag]) -> np.ndarray:
+        """The target's quartile; halves, or one stratum, when a cell would be too small (< 5) to spread
+        over folds (a small cohort is split, not refused)."""
         v = _values(bags)
-        return np.searchsorted(np.quantile(v, [0.25, 0.5, 0.75]), v, side="right")
+        for q in (4, 2):
+            cells = np.searchsorted(np.quantile(v, np.arange(1, q) / q), v, side="right")
+            if np.bincount(cells).min() >= 5:
+                return cells
+        return np.zeros(len(v), int)
 
     def bag_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         z = (target.float().reshape(-1) - self.mean) / self.std
