@@ -11,7 +11,7 @@ FORMAT ?= clam
 TO ?= $(OUT)/export_$(FORMAT)
 STAGE_ARGS = --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: help venv viewer-assets browser test lint demo bench tile extract train predict heatmap run export view config clean
+.PHONY: help venv viewer-assets browser dicom-tools test lint demo bench tile extract train predict heatmap run export view config clean
 
 help:  ## list the targets
 	@echo "wsi_mil targets (variables: SLIDES=folder|csv OUT=folder CONFIG=file.yaml ARGS='key=value ...')"
@@ -48,11 +48,18 @@ browser:  ## Debian's Chromium for the viewer's browser tests (installed when ro
 	      || echo "browser: apt-get install chromium failed; the browser tests will skip"; \
 	  else echo "browser: no chromium and not root; the browser tests will skip (apt-get install -y chromium)"; fi; }
 
+dicom-tools:  ## libturbojpeg for wsidicomizer, which the DICOM tests convert with (installed when root with apt-get)
+	@ldconfig -p 2>/dev/null | grep -q libturbojpeg || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libturbojpeg0 >/dev/null) \
+	      || echo "dicom-tools: apt-get install libturbojpeg0 failed; the DICOM conversion tests will skip"; \
+	  else echo "dicom-tools: no libturbojpeg and not root; the DICOM conversion tests will skip (apt-get install -y libturbojpeg0)"; fi; }
+
 lint: venv  ## ruff, and the layering contracts in pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check wsi_mil pipelines tests
 	$(VENV)/bin/lint-imports
 
-test: lint browser  ## lint, then the whole test suite (browser tests in Debian's Chromium)
+test: lint browser dicom-tools  ## lint, then the whole test suite (browser tests in Debian's Chromium)
 	$(VENV)/bin/pytest -q
 
 TASK ?= classification

@@ -1,5 +1,7 @@
 import csv
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from conftest import BROKEN, CMU, needs_real
@@ -150,9 +152,29 @@ def test_the_prescaled_thumbnail_gives_the_plain_paths_mask_on_the_real_svs():
     assert share <= 0.03 and far <= 40
 
 
+def _container(name: str, svs: Path, folder: Path) -> Path:
+    """The synthetic slide as the backend ``name`` reads it: the SVS itself, an OME-TIFF of its levels, a PNG
+    of its base level, or a DICOM WSI folder (wsidicomizer)."""
+    from test_slide_formats import _pixels, convert_to_dicom, write_ome_tiff
+
+    if name in ("openslide", "tiffslide"):
+        return svs
+    if name == "ometiff":
+        write_ome_tiff(folder / "r.ome.tif", _pixels(svs), 0.5)
+        return folder / "r.ome.tif"
+    if name == "image":
+        cv2.imwrite(str(folder / "r.png"), _pixels(svs)[0][..., ::-1])
+        return folder / "r.png"
+    if name == "dicom":
+        convert_to_dicom(svs, folder / "r_dicom")
+        return folder / "r_dicom"
+    raise AssertionError(f"no test container for the new backend '{name}': add one here")
+
+
 def test_every_registered_backend_reads_the_same_pixels_and_an_unknown_one_is_one_line(tmp_path, capsys):
-    """The reader registry's contract, over every registered backend: the same levels, properties with an
-    mpp, regions (white outside the slide), and a source Deep Zoom can tile."""
+    """The reader registry's contract, over every registered backend, each on the same synthetic slide in
+    its container: the same size, regions within JPEG re-encoding of each other (white outside the
+    slide), and a source Deep Zoom can tile."""
     from wsi_mil.cli import main
     from wsi_mil.slide.backends import BACKENDS, backend_order
     from wsi_mil.slide.deepzoom import deepzoom
@@ -160,21 +182,21 @@ def test_every_registered_backend_reads_the_same_pixels_and_an_unknown_one_is_on
 
     path = tmp_path / "r.svs"
     write_slide(path, SyntheticSpec(width=1100, height=900, mpp=0.5, seed=4))
-    assert [e.name for e in backend_order("auto")] == ["openslide", "tiffslide"]
+    assert [e.name for e in backend_order("auto")] == ["dicom", "ometiff", "openslide", "tiffslide", "image"]
     regions = {}
     for name in BACKENDS:
-        with SlideReader(path, name) as r:
+        with SlideReader(_container(name, path, tmp_path), name) as r:
             assert r.backend == name and r.dimensions == (1100, 900)
             regions[name] = r.read_region((1000, 800), 0, (200, 150))
             assert (regions[name][100:, 100:] == 255).all()  # outside the slide: white
             dz = deepzoom(r)
             assert dz.level_dimensions[-1] == (1100, 900) and dz.get_tile(dz.level_count - 1, (0, 0)).size == (256, 256)
-    a, b = regions.values()
-    assert np.abs(a.astype(int) - b).mean() < 3
+    for name, region in regions.items():
+        assert np.abs(region.astype(int) - regions["openslide"]).mean() < 3, name
     slides = tmp_path / "slides"
     slides.mkdir()
     path.rename(slides / path.name)
     code = main(["tile", "--slides", str(slides), "--out", str(tmp_path / "out"), "slides.backend=pillow"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == [
-        "error: config error: slides.backend: unknown slide backend 'pillow' (choose from auto, openslide, tiffslide)"]
+    assert code == 2 and err == ["error: config error: slides.backend: unknown slide backend 'pillow' (choose from "
+                                 "auto, dicom, image, ometiff, openslide, tiffslide)"]

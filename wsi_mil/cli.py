@@ -102,7 +102,7 @@ def _config(args) -> Config:
 def _slides(args, cfg: Config):
     if args.slides is None:
         raise WsiMilError(f"{args.stage}: --slides is required")
-    slides = discover_slides(args.slides, cfg.slides.extensions, cfg.slides.recursive)
+    slides = discover_slides(args.slides, cfg.slides.extensions, cfg.slides.recursive, cfg.slides.dicom_id_attribute)
     if not slides:
         raise WsiMilError(f"no slides found in {args.slides} (extensions: {' '.join(cfg.slides.extensions)})")
     return slides

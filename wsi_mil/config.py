@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 from .userfiles import read_text
 
-WSI_EXTENSIONS = [".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"]
+WSI_EXTENSIONS = [".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+                  ".vsi", ".czi", ".isyntax"]  # the last three are found so each fails with its one-line reason
 
 
 DEFAULT_YAML = Path(__file__).with_name("default.yaml")
@@ -33,6 +34,7 @@ class SlidesConfig(Section):
     mpp_csv: Path | None = None
     recursive: bool = False
     extensions: list[str] = Field(default_factory=lambda: list(WSI_EXTENSIONS))
+    dicom_id_attribute: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]*$")  # e.g. ContainerIdentifier
 
 
 class TissueConfig(Section):

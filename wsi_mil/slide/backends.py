@@ -6,7 +6,8 @@ A backend opens a file and answers four things: its levels (dimensions, downsamp
 ``read(location, level, size)`` as RGB uint8 inside the level, and ``deepzoom_source()``, the object
 ``openslide.deepzoom.DeepZoomGenerator`` reads (``read_region`` returning RGBA PIL images).
 :class:`~wsi_mil.slide.reader.SlideReader` does everything else (clipping, mpp, thumbnails) the same
-way for all of them. Modules: :mod:`.openslide_backend`, :mod:`.tiffslide_backend`.
+way for all of them. Modules: :mod:`.dicom_backend` (5), :mod:`.ometiff_backend` (8),
+:mod:`.openslide_backend` (10), :mod:`.tiffslide_backend` (20), :mod:`.image_backend` (40).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class BackendEntry:
 BACKENDS: dict[str, BackendEntry] = {}
 
 
+class NotThisFormat(ValueError):
+    """Raised by a backend for input that is not its kind at all (a file for the DICOM folder reader, a
+    TIFF for the flat-image reader): ``auto`` moves on without listing it among the reasons."""
+
+
 def register_backend(name: str, priority: int):
     def deco(cls):
         BACKENDS[name] = BackendEntry(name, priority, cls)
@@ -67,4 +73,10 @@ def open_backend(path: Path, entry: BackendEntry) -> Backend:
 
 
 def _load() -> None:
-    from . import openslide_backend, tiffslide_backend  # noqa: F401  (each registers itself)
+    from . import (  # noqa: F401  (each registers itself)
+        dicom_backend,
+        image_backend,
+        ometiff_backend,
+        openslide_backend,
+        tiffslide_backend,
+    )

@@ -48,7 +48,7 @@ def load_mpp_csv(path: str | Path | None) -> dict[str, float]:
 
 
 def _from_properties(props: dict) -> float | None:
-    for prefix in ("openslide", "tiffslide"):
+    for prefix in ("openslide", "tiffslide", "dicom", "ome"):
         x, y = _float(props.get(f"{prefix}.mpp-x")), _float(props.get(f"{prefix}.mpp-y"))
         if _plausible(x):
             return (x + y) / 2 if _plausible(y) else x

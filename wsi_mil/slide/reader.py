@@ -12,7 +12,25 @@ import cv2
 import numpy as np
 
 from ..errors import SlideError, one_line
-from .backends import backend_order, open_backend
+from .backends import NotThisFormat, backend_order, open_backend
+
+# formats no installed reader opens: suffix -> (what it is, what would read it)
+UNREADABLE = {
+    ".vsi": ("Olympus/Evident VSI", "Bio-Formats (bfconvert) or QuPath"),
+    ".czi": ("Zeiss CZI", "Bio-Formats (bfconvert), pylibCZIrw or QuPath"),
+    ".isyntax": ("Philips iSyntax", "the Philips pathology SDK"),
+    ".lif": ("Leica LIF", "Bio-Formats (bfconvert)"),
+    ".nd2": ("Nikon ND2", "Bio-Formats (bfconvert) or nd2"),
+}
+
+
+def unreadable_format(path: Path) -> str | None:
+    """The one-line reason for a format no backend here reads, with what would read it; None otherwise."""
+    kind = UNREADABLE.get(path.suffix.lower())
+    if kind is None:
+        return None
+    return (f"{kind[0]} is not a format wsi_mil reads (OpenSlide, tiffslide, DICOM and flat images are); "
+            f"convert it with {kind[1]} to pyramidal TIFF or OME-TIFF, or to DICOM WSI (e.g. wsidicomizer)")
 
 
 class SlideReader:
@@ -20,10 +38,15 @@ class SlideReader:
 
     def __init__(self, path: str | Path, backend: str = "auto"):
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():  # a file, or a folder holding one DICOM WSI series
             raise SlideError(f"{self.path.name}: slide file not found: {self.path}")
+        unreadable = unreadable_format(self.path)
+        if unreadable and backend == "auto":
+            raise SlideError(f"{self.path.name}: {unreadable}")
         reasons = []
         for entry in backend_order(backend):
+            if self.path.is_dir() and entry.name != "dicom" and backend == "auto":
+                continue  # a folder is a DICOM series or nothing
             try:
                 # backends parse lazily: a truncated file can open, then fail on its first page
                 opened = open_backend(self.path, entry)
@@ -32,9 +55,13 @@ class SlideReader:
                     raise SlideError("no image levels")
                 self._backend, self.backend = opened, entry.name
                 break
+            except NotThisFormat:
+                continue
             except Exception as exc:  # each backend raises its own types
                 reasons.append(f"{entry.name}: {one_line(exc)}")
         else:
+            if self.path.is_dir():
+                raise SlideError(f"{self.path.name}: not a DICOM WSI folder (no readable series: {'; '.join(reasons)})")
             size = self.path.stat().st_size
             raise SlideError(f"{self.path.name}: cannot open slide ({size:,} bytes; truncated, corrupt or not a "
                              f"slide format: {'; '.join(reasons)})")
@@ -108,13 +135,16 @@ class SlideReader:
         lw, lh = self.level_dimensions[level]
         f = (w0 / out_w) / ds  # level px per output px
         factor = next((k for k in (8, 4, 2) if k <= f * 1.001), 1)
-        if factor > 1 and self.fast_thumbnail:  # decode the level already scaled (see thumbnail.py)
-            from .thumbnail import decode_level_scaled
+        if factor > 1:
+            img = None
+            if self.fast_thumbnail:  # decode the level already scaled (see thumbnail.py)
+                from .thumbnail import decode_level_scaled
 
-            img = decode_level_scaled(self.path, lw, lh, factor)
-            if img is not None:
-                img = img[: lh // factor, : lw // factor]  # whole-pixel extent, like the level itself
-                return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA), w0 / out_w
+                img = decode_level_scaled(self.path, lw, lh, factor)
+            if img is None:  # any other container: the same geometry from exact block means
+                img = self._level_reduced(level, factor, max_strip_px)
+            img = img[: lh // factor, : lw // factor]  # whole blocks only, on both paths
+            return cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA), w0 / out_w
         rows_per_strip = max(1, int(max_strip_px / max(1, lw) / max(f, 1e-6)))
         out = np.empty((out_h, out_w, 3), np.uint8)
         for oy0 in range(0, out_h, rows_per_strip):
@@ -123,6 +153,21 @@ class SlideReader:
             strip = self.read_region((0, round(ly0 * ds)), level, (lw, max(1, ly1 - ly0)))
             out[oy0:oy1] = cv2.resize(strip, (out_w, oy1 - oy0), interpolation=cv2.INTER_AREA)
         return out, w0 / out_w
+
+    def _level_reduced(self, level: int, factor: int, max_strip_px: int) -> np.ndarray:
+        """The level downsampled by the integer ``factor`` as means of factor x factor blocks (what a JPEG
+        decoded at 1/factor gives, up to rounding), read in strips: a slide in any container (DICOM,
+        OME-TIFF, flat TIFF, PNG) gets the thumbnail, hence the tissue mask, its SVS twin gets."""
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        bw, bh = lw // factor, lh // factor
+        rows = max(factor, (max_strip_px // max(1, lw)) // factor * factor)
+        out = np.empty((bh, bw, 3), np.uint8)
+        for y0 in range(0, bh * factor, rows):
+            y1 = min(bh * factor, y0 + rows)
+            strip = self.read_region((0, round(y0 * ds)), level, (bw * factor, y1 - y0))
+            out[y0 // factor:y1 // factor] = cv2.resize(strip, (bw, (y1 - y0) // factor), interpolation=cv2.INTER_AREA)
+        return out
 
     def close(self) -> None:
         self._backend.close()

@@ -117,7 +117,7 @@ class Views:
         path = None if entry is None else entry.path
         with self._lock:
             handle = self._handles.get(slide_id)
-            if path is None or not path.is_file():  # unknown, or deleted since the study was read
+            if path is None or not path.exists():  # unknown, or deleted since the study was read
                 if handle is not None:
                     self._retire(self._handles.pop(slide_id))
                 return None

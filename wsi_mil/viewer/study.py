@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import WSI_EXTENSIONS
 from ..errors import WsiMilError
 from ..formats import read_patch_file
 from ..layout import Layout, check_name, is_data_name, slide_files
@@ -68,8 +69,7 @@ class Study:
             resolve_model(self.layout, run)
         self.run = run or ("default" if "default" in runs else (runs[0] if runs else "default"))
         self._source = slides
-        self._extensions = extensions or [".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif",
-                                          ".vms", ".vmu"]
+        self._extensions = extensions or list(WSI_EXTENSIONS)
         self._stamp = self._changes()
         self.task, self.columns = "classification", list(CLASS_COLUMNS)
         self.slides = self._load(self._source, self._extensions)
@@ -190,7 +190,7 @@ class Study:
             except (OSError, KeyError, ValueError, TypeError):
                 recorded = None
             if e.path is None and recorded:
-                e.path = Path(str(recorded)) if Path(str(recorded)).is_file() else None
+                e.path = Path(str(recorded)) if Path(str(recorded)).exists() else None
         if labelled and labelled.get("label"):
             e.label = labelled["label"]
         summary = self.heatmap_summary(e.slide_id)
