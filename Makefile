@@ -48,12 +48,14 @@ browser:  ## Debian's Chromium for the viewer's browser tests (installed when ro
 	      || echo "browser: apt-get install chromium failed; the browser tests will skip"; \
 	  else echo "browser: no chromium and not root; the browser tests will skip (apt-get install -y chromium)"; fi; }
 
-dicom-tools:  ## libturbojpeg for wsidicomizer, which the DICOM tests convert with (installed when root with apt-get)
-	@ldconfig -p 2>/dev/null | grep -q libturbojpeg || { \
+DICOM_DEBS := libturbojpeg0 orthanc orthanc-dicomweb
+dicom-tools:  ## libturbojpeg (wsidicomizer) and Orthanc with DICOMweb for the DICOM tests (apt-get, when root)
+	@{ ldconfig -p 2>/dev/null | grep -q libturbojpeg && command -v Orthanc >/dev/null && \
+	   [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libturbojpeg0 >/dev/null) \
-	      || echo "dicom-tools: apt-get install libturbojpeg0 failed; the DICOM conversion tests will skip"; \
-	  else echo "dicom-tools: no libturbojpeg and not root; the DICOM conversion tests will skip (apt-get install -y libturbojpeg0)"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DICOM_DEBS) >/dev/null) \
+	      || echo "dicom-tools: apt-get install $(DICOM_DEBS) failed; the DICOM / DICOMweb tests will skip"; \
+	  else echo "dicom-tools: not root; the DICOM / DICOMweb tests will skip (apt-get install -y $(DICOM_DEBS))"; fi; }
 
 lint: venv  ## ruff, and the layering contracts in pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check wsi_mil pipelines tests

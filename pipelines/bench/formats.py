@@ -82,3 +82,56 @@ def run(opts: Options) -> None:
     base = rates["svs (openslide)"]
     for name, rate in rates.items():
         print(f"  {name:24s} {rate:8.0f} regions/s   {rate / base:5.2f}x the svs")
+    _dicomweb(opts, paths)
+
+
+def _stage_seconds(stage: str, slides: Path, out: Path, extra: list[str]) -> float:
+    from wsi_mil.cli import main
+
+    shutil.rmtree(out, ignore_errors=True)
+    if stage == "extract":
+        assert main(["tile", "--slides", str(slides), "--out", str(out), "--no-progress", *extra]) == 0
+        shutil.rmtree(out / "features", ignore_errors=True)
+    t0 = time.perf_counter()
+    assert main([stage, "--slides", str(slides), "--out", str(out), "--no-progress", *extra]) == 0
+    return time.perf_counter() - t0
+
+
+def _dicomweb(opts: Options, paths: dict[str, Path]) -> None:
+    """tile and extract of the slide read over DICOMweb from a local Orthanc vs from the svs file."""
+    import csv
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from pipelines import orthanc
+
+    why = orthanc.missing()
+    if why:
+        print(f"  DICOMweb: skipped: {why}")
+        return
+    import pydicom
+
+    root = opts.cache / "formats_web"
+    shutil.rmtree(root, ignore_errors=True)
+    srv = orthanc.Orthanc(root / "orthanc").start()
+    try:
+        srv.upload(paths["dicom"])
+        ds = pydicom.dcmread(next(paths["dicom"].iterdir()), stop_before_pixels=True)
+        web_csv, local = root / "web.csv", root / "local"
+        with web_csv.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["slide_id", "dicomweb_url", "study_uid", "series_uid"])
+            w.writerow(["cmu", srv.dicomweb, ds.StudyInstanceUID, ds.SeriesInstanceUID])
+        local.mkdir()
+        shutil.copy(paths["svs"], local / "cmu.svs")
+        os.environ.update({"WSI_MIL_DICOMWEB_USER": srv.user, "WSI_MIL_DICOMWEB_PASSWORD": srv.password})
+        enc = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0"]
+        repeat = 1 if opts.quick else 3
+        for stage in ("tile", "extract"):
+            times = {name: min(_stage_seconds(stage, src, root / f"out_{name}", enc) for _ in range(repeat))
+                     for name, src in (("svs file", local), ("DICOMweb", web_csv))}
+            print(f"  {stage:8s} svs file {times['svs file']:.2f} s, DICOMweb (Orthanc on 127.0.0.1) "
+                  f"{times['DICOMweb']:.2f} s: web / file = {times['DICOMweb'] / times['svs file']:.2f}")
+    finally:
+        srv.stop()

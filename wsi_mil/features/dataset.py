@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import SourceUnavailable
 from ..formats import PatchSpec
 from ..slide.reader import SlideReader
 from .encoders.registry import Transform
@@ -103,8 +104,11 @@ class PatchDataset(Dataset):
 
     def _read_safely(self, idx: list[int]) -> tuple[list[np.ndarray], list[bool]]:
         for attempt in (0, 1):
+            self.reader()  # a slide that cannot be (re)opened fails the slide: never blank patches for it
             try:
                 return self._read_run(idx), [False] * len(idx)
+            except SourceUnavailable:
+                raise  # a server that went away fails the slide; blanks would pass for its tissue
             except Exception as exc:
                 log.debug("read failed (attempt %d) at %s: %s", attempt, self.coords[idx[0]], exc)
                 self._reopen()

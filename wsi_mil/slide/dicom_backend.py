@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import SourceUnavailable, one_line
 from .backends import NotThisFormat, register_backend
+from .dicomweb import RETRIES, is_dicomweb, open_series
 
 
 class _RGBAView:
@@ -55,10 +57,13 @@ def dicom_properties(wsi, ident: dict) -> dict:
 
 @register_backend("dicom", priority=5)
 class DicomBackend:
-    """A folder of one DICOM WSI series (or, :mod:`.dicomweb`, a series on a DICOMweb server)."""
+    """A folder of one DICOM WSI series, or a series on a DICOMweb server (:mod:`.dicomweb` locator)."""
 
     def __init__(self, path: Path, wsi=None):
-        if wsi is None:
+        self.remote = wsi is not None or is_dicomweb(path)
+        if wsi is None and is_dicomweb(path):
+            wsi = open_series(path)
+        elif wsi is None:
             path = Path(path)
             if not path.is_dir():
                 raise NotThisFormat("not a DICOM WSI folder")
@@ -79,7 +84,12 @@ class DicomBackend:
     def read(self, location, level, size) -> np.ndarray:
         x, y = int(location[0]), int(location[1])
         ds = self.level_downsamples[level]
-        region = self._wsi.read_region((round(x / ds), round(y / ds)), self._levels[level], tuple(map(int, size)))
+        try:
+            region = self._wsi.read_region((round(x / ds), round(y / ds)), self._levels[level], tuple(map(int, size)))
+        except Exception as exc:
+            if self.remote:  # over DICOMweb, a failed read is the server (after its retries), not the tile
+                raise SourceUnavailable(f"DICOMweb read failed after {RETRIES} retries ({one_line(exc)})") from None
+            raise
         return np.ascontiguousarray(np.asarray(region.convert("RGB")))
 
     def deepzoom_source(self):

@@ -1,4 +1,5 @@
-"""Find slides: a folder (optionally recursive) by WSI extension, DICOM WSI folders, or a CSV of paths.
+"""Find slides: a folder (optionally recursive) by WSI extension, DICOM WSI folders, or a CSV of paths
+and DICOMweb series.
 
 A folder holding DICOM files is one slide when they are one WSI series (grouped by Series Instance UID,
 with a VOLUME image among them); its id is the folder's name, or the value of the DICOM attribute
@@ -22,14 +23,30 @@ class SlideRef:
     path: Path
 
 
-def _from_csv(path: Path) -> list[Path]:
+def _from_csv(path: Path) -> list[tuple[Path | str, str | None]]:
+    """(slide path, slide_id or None) per row: a ``path`` column (files or DICOM folders), or DICOMweb rows
+    (``slide_id, dicomweb_url, study_uid, series_uid``; see :mod:`.dicomweb`); the two may be mixed."""
+    from .dicomweb import from_csv_row
+
     rows = read_csv_rows(path, "slide CSV")
     if not rows:
         return []
     column = next((c for c in ("path", "slide_path", "slide") if c in rows[0]), None)
-    if column is None:
-        raise WsiMilError(f"{path.name}: slide CSV needs a 'path' column")
-    return [(path.parent / r[column]).resolve() if not Path(r[column]).is_absolute() else Path(r[column]) for r in rows]
+    web = "dicomweb_url" in rows[0]
+    if column is None and not web:
+        raise WsiMilError(f"{path.name}: slide CSV needs a 'path' column, or slide_id,dicomweb_url,study_uid,series_uid")
+    out: list[tuple[Path | str, str | None]] = []
+    for line, r in enumerate(rows, start=2):
+        given = str(r.get(column) or "").strip() if column else ""
+        if web and not given:
+            sid = str(r.get("slide_id") or "").strip()
+            if not sid:
+                raise WsiMilError(f"{path.name} line {line}: a DICOMweb row needs its slide_id")
+            out.append((from_csv_row(r, path.name, line).locator, sid))
+        else:
+            p = Path(given)
+            out.append(((path.parent / p).resolve() if not p.is_absolute() else p, str(r.get("slide_id") or "") or None))
+    return out
 
 
 def _is_dicom(path: Path) -> bool:
@@ -85,29 +102,29 @@ def _folder_paths(source: Path, extensions: list[str], recursive: bool) -> list[
     return sorted(files + folders)
 
 
+def _candidates(source: Path, extensions: list[str], recursive: bool) -> list[tuple[Path | str, str | None]]:
+    """(path, slide_id when the source names it) for every candidate slide of ``--slides``."""
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return [(p, sid if isinstance(p, str) else None) for p, sid in _from_csv(source)]  # DICOMweb: its slide_id
+    if source.is_dir() and any(map(_is_dicom, source.iterdir())):
+        return [(source, None)]  # the folder of one DICOM WSI series itself
+    if source.is_dir():
+        return [(p, None) for p in _folder_paths(source, extensions, recursive)]
+    if source.is_file():
+        return [(source, None)]
+    raise WsiMilError(f"--slides: no such folder or CSV: {source}")
+
+
 def discover_slides(source: str | Path, extensions: list[str], recursive: bool = False,
                     dicom_id: str | None = None) -> list[SlideRef]:
-    source = Path(source)
-    names: dict[Path, str] = {}
-    if source.is_file() and source.suffix.lower() == ".csv":
-        paths = _from_csv(source)
-    elif source.is_dir() and any(map(_is_dicom, source.iterdir())):
-        paths = [source]  # the folder of one DICOM WSI series itself
-    elif source.is_dir():
-        paths = _folder_paths(source, extensions, recursive)
-    elif source.is_file():
-        paths = [source]
-    else:
-        raise WsiMilError(f"--slides: no such folder or CSV: {source}")
-    for p in paths:
-        if p.is_dir():
-            sid = _dicom_slide_id(p, dicom_id)
-            if sid is not None:
-                names[p] = sid
-    paths = [p for p in paths if not p.is_dir() or p in names]  # folders of DICOM files but no WSI series
     refs: dict[str, SlideRef] = {}
-    for p in paths:
-        sid = check_name(names.get(p) or (p.stem if p.suffix else p.name))
+    for p, sid in _candidates(Path(source), extensions, recursive):
+        if isinstance(p, Path) and p.is_dir():
+            sid = _dicom_slide_id(p, dicom_id)
+            if sid is None:  # DICOM files, but no WSI series
+                continue
+        sid = check_name(sid or (p.stem if p.suffix else p.name))
+        p = Path(p) if isinstance(p, str) else p  # a DICOMweb locator travels as a path (see .dicomweb)
         if sid in refs:
             raise WsiMilError(f"duplicate slide_id '{sid}': {refs[sid].path} and {p}; rename one of them")
         refs[sid] = SlideRef(sid, p)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import SlideError, one_line
 from .backends import NotThisFormat, backend_order, open_backend
+from .dicomweb import is_dicomweb, slide_exists
 
 # formats no installed reader opens: suffix -> (what it is, what would read it)
 UNREADABLE = {
@@ -38,15 +39,16 @@ class SlideReader:
 
     def __init__(self, path: str | Path, backend: str = "auto"):
         self.path = Path(path)
-        if not self.path.exists():  # a file, or a folder holding one DICOM WSI series
+        remote = is_dicomweb(self.path)
+        if not slide_exists(self.path):  # a file, a folder holding one DICOM WSI series, or a DICOMweb series
             raise SlideError(f"{self.path.name}: slide file not found: {self.path}")
         unreadable = unreadable_format(self.path)
         if unreadable and backend == "auto":
             raise SlideError(f"{self.path.name}: {unreadable}")
         reasons = []
         for entry in backend_order(backend):
-            if self.path.is_dir() and entry.name != "dicom" and backend == "auto":
-                continue  # a folder is a DICOM series or nothing
+            if (remote or self.path.is_dir()) and entry.name != "dicom" and backend == "auto":
+                continue  # a folder or a DICOMweb locator is a DICOM series or nothing
             try:
                 # backends parse lazily: a truncated file can open, then fail on its first page
                 opened = open_backend(self.path, entry)
@@ -60,6 +62,8 @@ class SlideReader:
             except Exception as exc:  # each backend raises its own types
                 reasons.append(f"{entry.name}: {one_line(exc)}")
         else:
+            if remote:
+                raise SlideError(f"{self.path.name}: {'; '.join(reasons) or 'not read'}")
             if self.path.is_dir():
                 raise SlideError(f"{self.path.name}: not a DICOM WSI folder (no readable series: {'; '.join(reasons)})")
             size = self.path.stat().st_size

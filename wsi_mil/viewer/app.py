@@ -32,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import WsiMilError, one_line
+from ..slide.dicomweb import slide_exists
 from .study import Study
 from .tiles import CMAPS, TILE, SlideView, lut
 
@@ -117,7 +118,7 @@ class Views:
         path = None if entry is None else entry.path
         with self._lock:
             handle = self._handles.get(slide_id)
-            if path is None or not path.exists():  # unknown, or deleted since the study was read
+            if path is None or not slide_exists(path):  # unknown, or deleted since the study was read
                 if handle is not None:
                     self._retire(self._handles.pop(slide_id))
                 return None

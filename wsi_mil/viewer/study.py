@@ -17,6 +17,7 @@ from ..errors import WsiMilError
 from ..formats import read_patch_file
 from ..layout import Layout, check_name, is_data_name, slide_files
 from ..runner.manifest import read_manifest
+from ..slide.dicomweb import slide_exists
 from ..slide.discover import discover_slides
 from ..userfiles import read_csv_rows
 
@@ -190,7 +191,7 @@ class Study:
             except (OSError, KeyError, ValueError, TypeError):
                 recorded = None
             if e.path is None and recorded:
-                e.path = Path(str(recorded)) if Path(str(recorded)).exists() else None
+                e.path = Path(str(recorded)) if slide_exists(str(recorded)) else None
         if labelled and labelled.get("label"):
             e.label = labelled["label"]
         summary = self.heatmap_summary(e.slide_id)
