@@ -104,9 +104,16 @@ def test_a_dicomweb_series_gives_the_local_grid_and_features_and_no_credential_i
     assert credentials.password not in capsys.readouterr().err
 
 
-def test_a_refused_login_fails_that_slide_with_one_line_naming_no_credential(server, credentials, tmp_path,
+@pytest.mark.parametrize("wrong", ["password", "token"])
+def test_a_refused_login_fails_that_slide_with_one_line_naming_no_credential(wrong, server, credentials, tmp_path,
                                                                              monkeypatch, capsys):
-    monkeypatch.setenv("WSI_MIL_DICOMWEB_PASSWORD", "wrong-pw-5f2c")
+    secret = "wrong-secret-5f2c"
+    if wrong == "token":  # a bearer token the server does not accept, given in a token file
+        monkeypatch.delenv("WSI_MIL_DICOMWEB_USER")
+        (tmp_path / "token").write_text(secret)
+        monkeypatch.setenv("WSI_MIL_DICOMWEB_TOKEN_FILE", str(tmp_path / "token"))
+    else:
+        monkeypatch.setenv("WSI_MIL_DICOMWEB_PASSWORD", secret)
     slides = slide_csv(tmp_path / "slides.csv", server, local={"cmu": server[3] / "cmu.svs"})
     out = tmp_path / "out"
     assert main(["tile", "--slides", str(slides), "--out", str(out), "--no-progress"]) == 1
@@ -115,9 +122,9 @@ def test_a_refused_login_fails_that_slide_with_one_line_naming_no_credential(ser
     reason = rows["cmu_web"]["reason"]
     assert "401" in reason and "credentials refused" in reason and "\n" not in reason
     printed = capsys.readouterr()
-    for secret in ("wrong-pw-5f2c", credentials.password):
-        assert secret not in reason and secret not in printed.out + printed.err
-    _no_credentials(out, ("wrong-pw-5f2c", credentials.password))
+    for value in (secret, credentials.password):
+        assert value not in reason and value not in printed.out + printed.err
+    _no_credentials(out, (secret, credentials.password))
 
 
 def test_orthanc_stopped_mid_extract_fails_the_slides_left_and_a_rerun_completes(server, credentials, tmp_path):

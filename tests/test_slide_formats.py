@@ -171,3 +171,43 @@ def test_formats_no_reader_opens_fail_with_one_line_naming_what_would(tmp_path, 
         reason = rows[sid]["reason"]
         assert rows[sid]["status"] == "failed" and name in reason and "convert" in reason and "\n" not in reason
     assert "Traceback" not in capsys.readouterr().err
+
+
+def write_tiled_sparse(src, dst) -> None:
+    """A TILED_FULL series rewritten as TILED_SPARSE: each frame's position given in its Plane Position
+    (Slide) item, and the frames stored in reverse order, so only the positions say where each goes."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.encaps import encapsulate, generate_fragmented_frames
+    from pydicom.sequence import Sequence
+
+    dst.mkdir()
+    for f in src.iterdir():
+        ds = pydicom.dcmread(f)
+        if "VOLUME" in ds.ImageType:
+            across = -(-ds.TotalPixelMatrixColumns // ds.Columns)
+            frames = [b"".join(fr) for fr in generate_fragmented_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))]
+            order = list(range(len(frames)))[::-1]
+            items = []
+            for i in order:
+                pos = Dataset()
+                pos.ColumnPositionInTotalImagePixelMatrix = (i % across) * ds.Columns + 1
+                pos.RowPositionInTotalImagePixelMatrix = (i // across) * ds.Rows + 1
+                pos.XOffsetInSlideCoordinateSystem = pos.YOffsetInSlideCoordinateSystem = 0
+                pos.ZOffsetInSlideCoordinateSystem = 0
+                item = Dataset()
+                item.PlanePositionSlideSequence = Sequence([pos])
+                items.append(item)
+            ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+            ds.DimensionOrganizationType = "TILED_SPARSE"
+            ds.PixelData = encapsulate([frames[i] for i in order])
+        ds.save_as(dst / f.name)
+
+
+@needs_real
+def test_a_tiled_sparse_series_reads_as_its_tiled_full_twin(forms, tmp_path):
+    full = forms / "slides" / "cmu_dicom"
+    write_tiled_sparse(full, tmp_path / "cmu_sparse")
+    with open_slide(full) as a, open_slide(tmp_path / "cmu_sparse") as b:
+        assert b.backend == "dicom" and b.level_dimensions == a.level_dimensions
+        np.testing.assert_array_equal(b.read_region((0, 0), 0, b.dimensions), a.read_region((0, 0), 0, a.dimensions))
