@@ -11,7 +11,7 @@ FORMAT ?= clam
 TO ?= $(OUT)/export_$(FORMAT)
 STAGE_ARGS = --out $(OUT) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
-.PHONY: help venv viewer-assets browser dicom-tools test lint demo bench tile extract train predict heatmap run export view config clean
+.PHONY: help venv viewer-assets browser dicom-tools test lint demo bench tile extract train predict evaluate heatmap run export view config clean
 
 help:  ## list the targets
 	@echo "wsi_mil targets (variables: SLIDES=folder|csv OUT=folder CONFIG=file.yaml ARGS='key=value ...')"
@@ -90,6 +90,10 @@ heatmap: venv  ## stage 4: attention heatmaps and exports  (SLIDES=, OUT=)
 
 run: venv  ## tile -> extract -> predict (or train) -> heatmap on new slides  (SLIDES=, OUT=)
 	$(WSI_MIL) run --slides $(SLIDES) $(STAGE_ARGS)
+
+LABELS ?=
+evaluate: venv  ## a trained run on another cohort, with 95% bootstrap intervals  (OUT=, LABELS=cohort.csv, ARGS=)
+	$(WSI_MIL) evaluate --labels $(LABELS) $(STAGE_ARGS)
 
 export: venv  ## features + patches in another tool's layout  (OUT=, FORMAT=clam|trident|torchmil, TO=)
 	$(WSI_MIL) export --format $(FORMAT) --to $(TO) $(STAGE_ARGS)

@@ -26,6 +26,7 @@ HELP = {
     "extract": "encoder features for every patch -> features/<encoder_id>/<slide_id>.h5",
     "train": "cross-validated attention MIL on cached features -> models/<run_name>/",
     "predict": "apply a checkpoint or a run's fold ensemble -> predictions/<run>.csv",
+    "evaluate": "a trained run on another cohort, metrics with 95% bootstrap intervals -> evaluations/<run>/<name>/",
     "heatmap": "attention heatmaps and exports -> heatmaps/<run_name>/<slide_id>/",
     "run": "every stage in order (tile, extract, then train or predict, heatmap)",
     "export": "a study's features and patches in CLAM, TRIDENT or torchmil layout -> --to DIR",
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             sp.add_argument("--features", type=Path, help="folder of feature .h5 files")
             sp.add_argument("--output", type=Path, help="CSV to write (default <out>/predictions/<run>.csv)")
+        if name == "evaluate":
+            sp.add_argument("--model", type=Path, help="a run folder or checkpoint (default: models/<train.run_name>)")
+            sp.add_argument("--labels", type=Path, required=True, help="the cohort's labels CSV (as the run's task reads)")
+            sp.add_argument("--features", type=Path, help="folder of feature .h5 files (default: <out>/features/<encoder>)")
+            sp.add_argument("--name", help="the evaluation's name (default: the labels file's name)")
+            sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         if name == "export":
             sp.add_argument("--format", required=True, choices=["clam", "trident", "torchmil"])
             sp.add_argument("--to", type=Path, required=True, help="folder to write the tool's layout into")
@@ -171,6 +178,13 @@ def dispatch(args, cfg: Config) -> int:
         result = predict(layout, cfg, model=args.model, features=args.features, output=args.output)
         print(result.summary())
         return 0 if result.ok else 1
+    if args.stage == "evaluate":
+        from .stages.evaluate import evaluate, summary_line
+
+        summary, folder = evaluate(layout, cfg, args.labels, model=args.model, features=args.features, name=args.name,
+                                   progress=progress)
+        print(summary_line(summary, folder))
+        return 0
     if args.stage == "run":
         from .workflow import run_pipeline
 

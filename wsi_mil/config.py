@@ -118,6 +118,7 @@ class TrainConfig(Section):
     survival: SurvivalConfig = Field(default_factory=SurvivalConfig)
     loss: Literal["mse", "huber"] = "mse"  # regression: on the target standardised on the training fold
     label_columns: list[str] = Field(default_factory=list)  # multilabel: the 0/1 columns, one output each
+    threshold: str = Field("0.5", pattern=r"^(youden|sensitivity@(0?\.\d+|1(\.0+)?)|0?\.\d+)$")  # binary: see mil.threshold
     bag_level: Literal["slide", "patient"] = "slide"  # patient: a patient's slides form one bag
     labels: Path | None = None
     features: Path | None = None
@@ -160,6 +161,11 @@ class HeatmapConfig(Section):
     exports: list[str] = Field(default_factory=lambda: ["png", "tiff", "geojson", "zarr", "patches"])
 
 
+class EvaluateConfig(Section):
+    bootstrap: int = Field(1000, ge=0)  # resamples over patients for each metric's 95% interval (0: none)
+    seed: int = 0
+
+
 class RunnerConfig(Section):
     executor: Literal["serial", "process", "dask"] = "serial"
     workers: int = Field(0, ge=0)
@@ -177,6 +183,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
 

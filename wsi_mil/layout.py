@@ -127,6 +127,10 @@ class Layout:
     def predictions(self, run: str) -> Path:
         return self.root / "predictions" / f"{check_name(run, 'run name')}.csv"
 
+    def evaluation_dir(self, run: str, name: str) -> Path:
+        """``wsi-mil evaluate``'s outputs for a run on one cohort."""
+        return self.root / "evaluations" / check_name(run, "run name") / check_name(name, "evaluation name")
+
     # -- heatmap ----------------------------------------------------------------------------------
     def heatmap_runs(self) -> list[str]:
         """Names of the runs that have a heatmaps/ folder."""

@@ -126,6 +126,17 @@ def model_id(model_path: str | Path) -> str:
     return ModelRef.from_path(model_path).model_id
 
 
+def _run_threshold(path: Path) -> dict:
+    """A complete run's ``threshold`` from its summary.json ({} for a single checkpoint or older runs)."""
+    marker = Path(path) / RUN_MARKER
+    if not marker.is_file():
+        return {}
+    try:
+        return dict(json.loads(marker.read_text()).get("threshold") or {})
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
 class Ensemble:
     """The fold models of a run (or one checkpoint); probabilities and instance scores are averaged over
     them. ``per_class``: the head scores instances per class ([C, N]) rather than once ([N])."""
@@ -140,7 +151,8 @@ class Ensemble:
         self.meta: CheckpointMeta = loaded[0][1]
         from .tasks import task_from_checkpoint
 
-        self.tasks = [task_from_checkpoint(meta) for _, meta in loaded]  # each fold's fitted task
+        threshold = _run_threshold(self.path)  # the run's operating threshold, picked on its out-of-fold data
+        self.tasks = [task_from_checkpoint(meta).with_threshold(threshold) for _, meta in loaded]
         self.task = self.tasks[0]
         self.classes = sorted(self.meta.label_map, key=self.meta.label_map.get)
         self.per_class = bool(getattr(self.models[0], "per_class", False))

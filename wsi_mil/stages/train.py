@@ -124,6 +124,7 @@ def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False, c
         "mean_std": mean_std(fold_metrics, task.fold_keys) if fold_metrics else {},
         "pooled_out_of_fold": {**(task.pooled_metrics([bags[i] for i in tested], [oof[i] for i in tested], bags)
                                   if tested else {}), **plots},
+        "threshold": task.operating_threshold([bags[i] for i in tested], [oof[i] for i in tested], t.threshold),
         "skipped": {"no_features": data.no_features, "no_label": data.no_label, "no_patches": data.no_patches},
     }
     write_run_summary(out_dir, summary)  # last: it marks the run complete

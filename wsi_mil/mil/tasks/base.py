@@ -155,6 +155,25 @@ class Task:
         """predict's cells for a bag's averaged output (None: no prediction)."""
         raise NotImplementedError
 
+    def ensemble_metrics(self, bags: list[Bag], outputs: np.ndarray) -> dict:
+        """``{name: metric(indices)}`` over a cohort's ensemble outputs (what predict writes), for
+        ``wsi-mil evaluate`` to give each a bootstrap interval over patients."""
+        raise NotImplementedError
+
+    def evaluation_plots(self, out_dir, bags: list[Bag], outputs: np.ndarray, groups: np.ndarray, n_boot: int,
+                         seed: int) -> dict:
+        """The task's evaluation plots into ``out_dir``; figures for metrics.json (default: none)."""
+        return {}
+
+    def operating_threshold(self, bags: list[Bag], outputs: list[np.ndarray], rule: str) -> dict:
+        """The run's operating threshold (``train.threshold``) picked on the out-of-fold outputs of ``bags``
+        for summary.json; {} where the task has none (default)."""
+        return {}
+
+    def with_threshold(self, threshold: dict) -> Task:
+        """This task calling its predictions at a run's threshold (default: nothing to call)."""
+        return self
+
     def map_view(self, output: np.ndarray) -> MapView:
         """A bag's averaged output as the heatmap shows it (default: one value, e.g. a risk; one map)."""
         (name,) = self.ensemble_columns()

@@ -103,5 +103,22 @@ class MultiLabel(Task):
         text = "  ".join(f"{t} {p:.2f}" for t, p in zip(self.targets, output))
         return MapView(text, values, list(self.targets), self.targets[k], self.targets[k])
 
+    def ensemble_metrics(self, bags: list[Bag], outputs: np.ndarray) -> dict:
+        """Per-target AUROC and their macro mean (sklearn); a target with one class in a resample is left
+        out of that resample's mean."""
+        from sklearn.metrics import roc_auc_score
+
+        y = _matrix(bags)
+
+        def target(k):
+            return lambda i: roc_auc_score(y[i, k], outputs[i, k]) if len(np.unique(y[i, k])) == 2 else math.nan
+
+        out = {f"auroc_{t}": target(k) for k, t in enumerate(self.targets)}
+
+        def macro(i):
+            vals = [v for v in (f(i) for f in out.values()) if not math.isnan(v)]
+            return float(np.mean(vals)) if vals else math.nan
+        return {"macro_auroc": macro, **out}
+
     def describe(self) -> dict:
         return {"task": self.name, "targets": self.targets}

@@ -141,5 +141,19 @@ class Regression(Task):
     def ensemble_row(self, output: np.ndarray | None) -> dict:
         return {"pred": "" if output is None else f"{float(output[0]):.6g}"}
 
+    def ensemble_metrics(self, bags: list[Bag], outputs: np.ndarray) -> dict:
+        """R² and MAE of the ensemble's predicted value (sklearn)."""
+        from sklearn.metrics import mean_absolute_error, r2_score
+
+        from ..evaluation import guarded
+
+        y, pred = _values(bags), outputs[:, 0]
+        return {"r2": guarded(lambda i: r2_score(y[i], pred[i]), y),
+                "mae": lambda i: mean_absolute_error(y[i], pred[i])}
+
+    def evaluation_plots(self, out_dir, bags: list[Bag], outputs: np.ndarray, groups: np.ndarray, n_boot: int,
+                         seed: int) -> dict:
+        return self.write_plots(out_dir, bags, list(outputs))
+
     def describe(self) -> dict:
         return {"task": self.name, "loss": self.loss, "target_mean": self.mean, "target_std": self.std}

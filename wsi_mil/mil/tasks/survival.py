@@ -177,6 +177,30 @@ class Survival(Task):
     def ensemble_row(self, output: np.ndarray | None) -> dict:
         return {"risk": "" if output is None else f"{float(output[0]):.6f}"}
 
+    def ensemble_metrics(self, bags: list[Bag], outputs: np.ndarray) -> dict:
+        """Harrell's c-index of the ensemble's risk (scikit-survival); undefined without an event."""
+        from sksurv.metrics import concordance_index_censored
+
+        time, event = _arrays(bags)
+        risk = outputs[:, 0]
+
+        def c_index(i):
+            if not event[i].any():
+                return math.nan
+            try:
+                return concordance_index_censored(event[i].astype(bool), time[i], risk[i])[0]
+            except ValueError:  # no comparable pair
+                return math.nan
+        return {"c_index": c_index}
+
+    def evaluation_plots(self, out_dir, bags: list[Bag], outputs: np.ndarray, groups: np.ndarray, n_boot: int,
+                         seed: int) -> dict:
+        """km.png: Kaplan-Meier curves of the cohort's risk groups with the log-rank p-value."""
+        if len(bags) < 2:
+            return {}
+        p = plot_km(*_arrays(bags), outputs[:, 0], self.groups, Path(out_dir) / "km.png", "risk groups: ")
+        return {"km_groups": self.groups, "logrank_p": p}
+
     def describe(self) -> dict:
         out = {"task": self.name, "loss": self.loss}
         if self.edges is not None:
