@@ -62,7 +62,7 @@ lint: venv  ## ruff, and the layering contracts in pyproject.toml (import-linter
 	$(VENV)/bin/lint-imports
 
 test: lint browser dicom-tools  ## lint, then the whole test suite (browser tests in Debian's Chromium)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 TASK ?= classification
 demo: venv  ## whole pipeline on generated synthetic slides (demo_out/; TASK=survival: demo_out_survival/)
