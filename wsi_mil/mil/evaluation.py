@@ -46,6 +46,50 @@ def _curves(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.interp(GRID, fpr, tpr), np.interp(GRID, rec[::-1], prec[::-1])
 
 
+def _bands(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> tuple[list, list]:
+    """The ROC and PR curves of ``n_boot`` resamples of the patients (those with both classes)."""
+    uniq, inv = np.unique(groups, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    rocs, prs = [], []
+    for _ in range(n_boot):
+        idx = np.concatenate([np.flatnonzero(inv == g) for g in rng.integers(0, len(uniq), len(uniq))])
+        if len(np.unique(y[idx])) == 2:
+            a, b = _curves(y[idx], p[idx])
+            rocs.append(a)
+            prs.append(b)
+    return rocs, prs
+
+
+def _plot_curve(plt, path: Path, curve: np.ndarray, band: list, name: str, labels: tuple[str, str]) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if band:
+        lo, hi = np.quantile(np.array(band), [0.025, 0.975], axis=0)
+        ax.fill_between(GRID, lo, hi, alpha=0.25, label="95% bootstrap band")
+    ax.plot(GRID, curve, label=name.upper())
+    if name == "roc":
+        ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(xlabel=labels[0], ylabel=labels[1], xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right" if name == "roc" else "lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_calibration(plt, path: Path, y: np.ndarray, p: np.ndarray, positive: str) -> float:
+    ece = expected_calibration_error(y, p)
+    which = np.minimum((p * 10).astype(int), 9)
+    bins = [m for m in range(10) if (which == m).any()]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.plot([p[which == m].mean() for m in bins], [y[which == m].mean() for m in bins], marker="o")
+    ax.set(xlabel=f"predicted P({positive})", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1),
+           title=f"calibration, ECE {ece:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return ece
+
+
 def plot_classification(out: Path, y: np.ndarray, p: np.ndarray, pred: np.ndarray, classes: list[str],
                         groups: np.ndarray, n_boot: int, seed: int) -> dict:
     """roc.png and pr.png (binary: the curve with its 95% bootstrap band over patients), calibration.png
@@ -58,44 +102,10 @@ def plot_classification(out: Path, y: np.ndarray, p: np.ndarray, pred: np.ndarra
 
     extra = {}
     if len(classes) == 2 and len(np.unique(y)) == 2:
-        roc, pr = _curves(y, p)
-        uniq, inv = np.unique(groups, return_inverse=True)
-        rng = np.random.default_rng(seed)
-        rocs, prs = [], []
-        for _ in range(n_boot):
-            idx = np.concatenate([np.flatnonzero(inv == g) for g in rng.integers(0, len(uniq), len(uniq))])
-            if len(np.unique(y[idx])) == 2:
-                a, b = _curves(y[idx], p[idx])
-                rocs.append(a)
-                prs.append(b)
-        for name, curve, band, (xl, yl) in (("roc", roc, rocs, ("false positive rate", "true positive rate")),
-                                             ("pr", pr, prs, ("recall", "precision"))):
-            fig, ax = plt.subplots(figsize=(4.5, 4.5))
-            if band:
-                lo, hi = np.quantile(np.array(band), [0.025, 0.975], axis=0)
-                ax.fill_between(GRID, lo, hi, alpha=0.25, label="95% bootstrap band")
-            ax.plot(GRID, curve, label=name.upper())
-            if name == "roc":
-                ax.plot([0, 1], [0, 1], ls=":", c="grey")
-            ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1.02))
-            ax.legend(loc="lower right" if name == "roc" else "lower left")
-            fig.tight_layout()
-            fig.savefig(out / f"{name}.png", dpi=100)
-            plt.close(fig)
-        ece = expected_calibration_error(y, p)
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        edges = np.linspace(0, 1, 11)
-        which = np.minimum((p * 10).astype(int), 9)
-        xs = [p[which == m].mean() for m in range(10) if (which == m).any()]
-        ys = [y[which == m].mean() for m in range(10) if (which == m).any()]
-        ax.plot([0, 1], [0, 1], ls=":", c="grey")
-        ax.plot(xs, ys, marker="o")
-        ax.set(xlabel=f"predicted P({classes[1]})", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1),
-               title=f"calibration, ECE {ece:.3f}", xticks=edges[::2])
-        fig.tight_layout()
-        fig.savefig(out / "calibration.png", dpi=100)
-        plt.close(fig)
-        extra["ece"] = ece
+        (roc, pr), (rocs, prs) = _curves(y, p), _bands(y, p, groups, n_boot, seed)
+        _plot_curve(plt, out / "roc.png", roc, rocs, "roc", ("false positive rate", "true positive rate"))
+        _plot_curve(plt, out / "pr.png", pr, prs, "pr", ("recall", "precision"))
+        extra["ece"] = _plot_calibration(plt, out / "calibration.png", y.astype(float), p, classes[1])
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ConfusionMatrixDisplay.from_predictions(y, pred, labels=list(range(len(classes))), display_labels=classes,
                                             ax=ax, colorbar=False)
