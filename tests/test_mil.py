@@ -327,6 +327,24 @@ def test_several_models_train_on_identical_splits_and_compare_writes_the_table(f
     assert all(0 <= float(r["p_vs_best"]) <= 1 for r in rows)
     md = (out / "models" / "comparison.md").read_text()
     assert md.count("\n") == 5 and "± " in md and (out / "models" / "comparison.png").stat().st_size > 0
+    # pooled out of fold: the AUROC of each run's predictions.csv, its bootstrap interval, DeLong vs the best
+    from sklearn.metrics import roc_auc_score
+    from test_intervals import _delong_by_loops
+
+    def oof(run):
+        with (run / "predictions.csv").open() as fh:
+            got = [r for r in csv.DictReader(fh) if r["prob_tumour"]]
+        return np.array([r["label"] == "tumour" for r in got]), np.array([float(r["prob_tumour"]) for r in got])
+
+    best_run = out / "models" / best[0]["run"]
+    y, best_s = oof(best_run)
+    for r in rows:
+        ry, s_ = oof(out / "models" / r["run"])
+        assert float(r["pooled"]) == pytest.approx(roc_auc_score(ry, s_), abs=1e-9)
+        assert float(r["pooled_low"]) <= float(r["pooled"]) <= float(r["pooled_high"])
+        if r["best"] != "True":
+            assert float(r["p_pooled_vs_best"]) == pytest.approx(_delong_by_loops(y, s_, best_s)[3], rel=1e-6)
+    assert "pooled AUROC [95% CI]" in md
 
 
 def test_streaming_bags_through_a_small_cache_trains_the_same_model_in_bounded_memory(feature_cohort):

@@ -2,8 +2,11 @@
 
 Each run is a row: AUROC, balanced accuracy and macro F1 as mean ± std over its test folds, and a paired
 t-test of its per-fold AUROC against the best run's (the folds must be the same slides: runs trained in
-one ``wsi-mil train model.name=a,b,...`` are). Writes ``comparison.csv``, ``comparison.md`` and
-``comparison.png`` (per-fold AUROC, one line per model).
+one ``wsi-mil train model.name=a,b,...`` are). The main metric is also given pooled out of fold with its
+95% bootstrap interval over patients (:mod:`.intervals`, 1,000 seeded resamples), and, for runs tested on
+the same slides, a paired test on the pooled predictions against the best run's: DeLong's test for a
+binary AUROC, a paired bootstrap (the same patient resamples for both runs) otherwise. Writes
+``comparison.csv``, ``comparison.md`` and ``comparison.png`` (per-fold AUROC, one line per model).
 """
 
 from __future__ import annotations
@@ -61,6 +64,82 @@ def _paired_p(a: list[float], b: list[float]) -> float:
     return float(ttest_rel(a, b).pvalue)
 
 
+def _pooled(run: Path, task: str) -> dict | None:
+    """The out-of-fold predictions as (ids, patients, what the main metric needs), from predictions.csv."""
+    from ..userfiles import read_csv_rows
+
+    path = Path(run) / "predictions.csv"
+    if not path.is_file():
+        return None
+    rows = [r for r in read_csv_rows(path, path.name) if r.get("fold") not in (None, "", "-1")]
+    probs = [c for c in (rows[0] if rows else {}) if c.startswith("prob_")]
+    if not rows:
+        return None
+    if task == "classification" and len(probs) == 2:
+        pos = probs[1][5:]
+        cols = {"y": np.array([r["label"] == pos for r in rows], float), "s": np.array([float(r[probs[1]]) for r in rows])}
+    elif task == "survival":
+        cols = {"t": np.array([float(r["time"]) for r in rows]), "e": np.array([r["event"] == "1" for r in rows]),
+                "s": np.array([float(r["risk"]) for r in rows])}
+    elif task == "regression":
+        cols = {"y": np.array([float(r["label"]) for r in rows]), "s": np.array([float(r["pred"]) for r in rows])}
+    else:
+        return None
+    return {"ids": [r["slide_id"] for r in rows], "groups": np.array([r.get("patient_id") or r["slide_id"] for r in rows]),
+            **cols}
+
+
+def _pooled_metric(task: str, d: dict, i: np.ndarray) -> float:
+    from sklearn.metrics import r2_score, roc_auc_score
+
+    if task == "classification":
+        return float(roc_auc_score(d["y"][i], d["s"][i])) if len(np.unique(d["y"][i])) == 2 else math.nan
+    if task == "survival":
+        from sksurv.metrics import concordance_index_censored
+
+        if not d["e"][i].any():
+            return math.nan
+        try:
+            return float(concordance_index_censored(d["e"][i], d["t"][i], d["s"][i])[0])
+        except ValueError:
+            return math.nan
+    return float(r2_score(d["y"][i], d["s"][i])) if len(i) > 1 else math.nan
+
+
+def _paired_pooled(task: str, a: dict, b: dict, n_boot: int = 1000, seed: int = 0) -> float:
+    """p of the pooled main metric differing between two runs on the same slides: DeLong (binary AUROC),
+    else a paired bootstrap over patients (two-sided, from the share of resamples on either side of 0)."""
+    from .intervals import delong_test
+
+    if task == "classification":
+        return delong_test(a["y"], a["s"], b["s"])["p"]
+    uniq, inv = np.unique(a["groups"], return_inverse=True)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        i = np.concatenate([np.flatnonzero(inv == g) for g in rng.integers(0, len(uniq), len(uniq))])
+        d = _pooled_metric(task, a, i) - _pooled_metric(task, b, i)
+        if math.isfinite(d):
+            diffs.append(d)
+    if not diffs:
+        return math.nan
+    diffs = np.array(diffs)
+    return float(min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
+
+
+def _add_pooled(rows: list[dict], loaded: list[dict], runs: list[Path], task: str, best: int) -> None:
+    from .intervals import bootstrap_ci
+
+    pooled = [_pooled(r, task) for r in runs]
+    ref = pooled[best]
+    for row, d in zip(rows, pooled):
+        ci = bootstrap_ci(lambda i, d=d: _pooled_metric(task, d, i), d["groups"]) if d else None
+        row["pooled"], row["pooled_low"], row["pooled_high"] = ((ci["value"], ci["low"], ci["high"]) if ci
+                                                                 else (math.nan,) * 3)
+        same = d is not None and ref is not None and d["ids"] == ref["ids"]
+        row["p_pooled_vs_best"] = (math.nan if not same or row["best"] else _paired_pooled(task, d, ref))
+
+
 def compare(runs: list[Path], loaded: list[dict] | None = None) -> list[dict]:
     loaded = loaded or [_load(r) for r in runs]
     metrics = _metrics(loaded)
@@ -81,17 +160,24 @@ def compare(runs: list[Path], loaded: list[dict] | None = None) -> list[dict]:
         row["best"] = row is rows[best]
         row["p_vs_best"] = (_paired_p([f[main] for f in item["folds"]], [f[main] for f in ref["folds"]])
                             if same else math.nan)
+    _add_pooled(rows, loaded, [Path(r) for r in runs], loaded[0]["task"], best)
     return rows
 
 
 def _markdown(rows: list[dict], metrics: tuple[str, ...]) -> str:
     heads = [TITLES.get(m, m) for m in metrics]
-    lines = ["| model | run | folds | " + " | ".join(heads) + f" | paired t-test p vs best ({heads[0]}) |",
-             "|---|---|---|" + "---|" * len(metrics) + "---|"]
+    lines = ["| model | run | folds | " + " | ".join(heads) + f" | paired t-test p vs best ({heads[0]}) "
+             f"| pooled {heads[0]} [95% CI] | pooled p vs best |",
+             "|---|---|---|" + "---|" * len(metrics) + "---|---|---|"]
+
+    def p_text(r, key):
+        return "best" if r["best"] else ("n/a (other slides)" if math.isnan(r[key]) else f"{r[key]:.3g}")
+
     for r in sorted(rows, key=lambda r: -np.nan_to_num(r[f"{metrics[0]}_mean"], nan=-np.inf)):
         cells = [f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" for m in metrics]
-        p = "best" if r["best"] else ("n/a (other folds)" if math.isnan(r["p_vs_best"]) else f"{r['p_vs_best']:.3g}")
-        lines.append(f"| {r['model']} | {r['run']} | {r['n_folds']} | " + " | ".join(cells) + f" | {p} |")
+        pooled = "n/a" if math.isnan(r["pooled"]) else f"{r['pooled']:.3f} [{r['pooled_low']:.3f}, {r['pooled_high']:.3f}]"
+        lines.append(f"| {r['model']} | {r['run']} | {r['n_folds']} | " + " | ".join(cells) +
+                     f" | {p_text(r, 'p_vs_best')} | {pooled} | {p_text(r, 'p_pooled_vs_best')} |")
     return "\n".join(lines) + "\n"
 
 
