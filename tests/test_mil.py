@@ -379,3 +379,20 @@ def test_gpu_and_cpu_training_give_the_same_metrics_within_tolerance():
         results[device] = evaluate(res.model.cpu().float(), test, inst)
     assert abs(results["cpu"][0] - results["cuda"][0]) <= 0.05
     assert abs(results["cpu"][1] - results["cuda"][1]) <= 0.05
+
+
+def test_wsi_mil_models_lists_every_head_and_the_readme_carries_the_same_table(capsys):
+    """One row per registered head, its flags read off the built head; the README's table is the same."""
+    from pathlib import Path
+
+    from wsi_mil.mil.models.table import markdown_table
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[1:]] == sorted(MODELS)
+    for name in MODELS:
+        built = create_model(name, 8, 2)
+        row = next(ln for ln in lines if ln.split()[0] == name)
+        assert row.count("yes") == int(built.localises) + int(built.per_class) and MODELS[name].paper in row
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "\n".join("  " + ln for ln in markdown_table().splitlines()) in readme

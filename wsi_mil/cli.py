@@ -34,6 +34,7 @@ HELP = {
     "view": "the study in the browser: slides, predictions, deep-zoom heatmaps (http://127.0.0.1:8000/)",
     "config": "print the effective configuration (defaults + --config + overrides) as commented YAML",
     "encoders": "list the encoder presets: feature width, native tile, transform, pooling, weight formats, licence",
+    "models": "list the MIL heads: paper, whether they localise or use positions, per-class maps, tasks",
 }
 log = logging.getLogger("wsi_mil")
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (e.g. OUT/models/*)")
             sp.add_argument("--output", type=Path, help="where to write (default: the runs' parent folder)")
             continue
-        if name == "encoders":  # reads the registry only
+        if name in ("encoders", "models"):  # read their registries only
             continue
         if name == "view":  # serves one output folder read-only: no config
             sp.add_argument("--out", type=Path, required=True, help="the study's output folder")
@@ -146,6 +147,11 @@ def dispatch(args, cfg: Config) -> int:
         return 0
     if args.stage == "config":
         sys.stdout.write(render_config(cfg))
+        return 0
+    if args.stage == "models":
+        from .mil.models.table import text_table as head_table
+
+        print(head_table(), end="")
         return 0
     if args.stage == "encoders":
         from .features.encoders.table import text_table

@@ -31,11 +31,11 @@ class ABMIL(MILModel):
         return MILOutput(self.classifier(z), att)
 
 
-@register("abmil", AttentionOptions)
+@register("abmil", AttentionOptions, paper="Ilse, Tomczak & Welling 2018, Attention-based deep MIL (ICML)")
 def abmil(in_dim: int, n_classes: int, o: AttentionOptions) -> ABMIL:
     return ABMIL(in_dim, n_classes, o.hidden_dim, o.attention_dim, o.dropout, gated=False)
 
 
-@register("abmil_gated", AttentionOptions)
+@register("abmil_gated", AttentionOptions, paper="Ilse, Tomczak & Welling 2018, gated attention (ICML)")
 def abmil_gated(in_dim: int, n_classes: int, o: AttentionOptions) -> ABMIL:
     return ABMIL(in_dim, n_classes, o.hidden_dim, o.attention_dim, o.dropout, gated=True)

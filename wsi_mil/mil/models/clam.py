@@ -121,5 +121,5 @@ def _clam(multi_branch: bool):
     return build
 
 
-register("clam_sb", CLAMOptions)(_clam(False))
-register("clam_mb", CLAMOptions)(_clam(True))
+register("clam_sb", CLAMOptions, paper="Lu et al. 2021, CLAM single-branch (Nat. Biomed. Eng.)")(_clam(False))
+register("clam_mb", CLAMOptions, paper="Lu et al. 2021, CLAM multi-branch (Nat. Biomed. Eng.)")(_clam(True))

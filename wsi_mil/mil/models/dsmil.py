@@ -64,6 +64,6 @@ class DSMILOptions(AttentionOptions):
     instance_weight: float = Field(0.5, ge=0, le=1)  # loss = (1 - w) * bag + w * max-instance
 
 
-@register("dsmil", DSMILOptions)
+@register("dsmil", DSMILOptions, paper="Li, Li & Eliceiri 2021, Dual-stream MIL (CVPR)")
 def dsmil(in_dim: int, n_classes: int, o: DSMILOptions) -> DSMIL:
     return DSMIL(in_dim, n_classes, o.hidden_dim, o.attention_dim, o.dropout, o.instance_weight)

@@ -37,11 +37,11 @@ class MaxPool(MeanPool):
         return MILOutput(self.classifier(z), scores)
 
 
-@register("meanpool", EmbedOptions)
+@register("meanpool", EmbedOptions, paper="mean pooling baseline (Wang et al. 2018, Revisiting MIL networks)")
 def meanpool(in_dim: int, n_classes: int, o: EmbedOptions) -> MeanPool:
     return MeanPool(in_dim, n_classes, o.hidden_dim, dropout=o.dropout)
 
 
-@register("maxpool", EmbedOptions)
+@register("maxpool", EmbedOptions, paper="max pooling baseline (Wang et al. 2018, Revisiting MIL networks)")
 def maxpool(in_dim: int, n_classes: int, o: EmbedOptions) -> MaxPool:
     return MaxPool(in_dim, n_classes, o.hidden_dim, dropout=o.dropout)

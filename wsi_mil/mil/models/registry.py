@@ -42,16 +42,18 @@ class Head:
     name: str
     options: type[HeadOptions]
     build: Callable[[int, int, HeadOptions], MILModel]  # (in_dim, n_classes, options) -> head
+    paper: str = ""  # the paper whose equations it implements
+    uses_positions: bool = False  # reads the patches' grid cells (forward's coords)
 
 
 MODELS: dict[str, Head] = {}
 
 
-def register(name: str, options: type[HeadOptions]):
+def register(name: str, options: type[HeadOptions], paper: str = "", uses_positions: bool = False):
     def deco(build: Callable[[int, int, HeadOptions], MILModel]):
         if name in MODELS:
             raise ValueError(f"MIL head '{name}' is registered twice")
-        MODELS[name] = Head(name, options, build)
+        MODELS[name] = Head(name, options, build, paper, uses_positions)
         return build
     return deco
 

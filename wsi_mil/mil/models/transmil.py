@@ -172,7 +172,7 @@ class TransMILOptions(EmbedOptions):
         return self
 
 
-@register("transmil", TransMILOptions)
+@register("transmil", TransMILOptions, paper="Shao et al. 2021, TransMIL (NeurIPS)")
 def transmil(in_dim: int, n_classes: int, o: TransMILOptions) -> TransMIL:
     return TransMIL(in_dim, n_classes, o.hidden_dim, dropout=o.dropout, heads=o.heads, landmarks=o.landmarks,
                     attention_dropout=o.attention_dropout)
