@@ -245,3 +245,14 @@ def test_transient_server_errors_are_retried_with_backoff_and_credentials_come_f
         assert dicomweb.session().get(url, timeout=5).status_code == 503 and len(seen) == 2
     finally:
         httpd.shutdown()
+
+
+def test_a_dicomweb_row_without_an_http_address_or_an_id_is_one_line_naming_it(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    for text, expected in (("slide_id,dicomweb_url,study_uid,series_uid\nx,notaurl,1,2\n", "line 2: dicomweb_url"),
+                           ("slide_id,dicomweb_url,study_uid,series_uid\n,http://h/dicom-web,1,2\n", "needs its slide_id"),
+                           ("slide_id,dicomweb_url,study_uid,series_uid\nx,http://h/dicom-web,,2\n", "empty study_uid")):
+        bad.write_text(text)
+        assert main(["tile", "--slides", str(bad), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and err[0].startswith("error:"), err

@@ -134,5 +134,7 @@ def from_csv_row(row: dict, name: str, line: int) -> Series:
     missing = [c for c in ("dicomweb_url", "study_uid", "series_uid") if not str(row.get(c) or "").strip()]
     if missing:
         raise SlideError(f"{name} line {line}: empty {', '.join(missing)} for a DICOMweb slide")
-    return Series(str(row["dicomweb_url"]).strip().rstrip("/"), str(row["study_uid"]).strip(),
-                  str(row["series_uid"]).strip())
+    url = str(row["dicomweb_url"]).strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise SlideError(f"{name} line {line}: dicomweb_url {url!r} is not an http:// or https:// address")
+    return Series(url, str(row["study_uid"]).strip(), str(row["series_uid"]).strip())
