@@ -12,6 +12,7 @@ way for all of them. Modules: :mod:`.dicom_backend` (5), :mod:`.ometiff_backend`
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +33,29 @@ class Backend(Protocol):
     def deepzoom_source(self): ...
 
     def close(self) -> None: ...
+
+
+class RGBAView:
+    """What ``DeepZoomGenerator`` reads, for a backend that is not OpenSlide itself: its RGB reads as RGBA
+    PIL regions, one at a time (tifffile's and wsidicom's handles are not meant for concurrent reads)."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+        self._lock = threading.Lock()
+        self.properties = backend.properties
+        self.level_dimensions = backend.level_dimensions
+        self.dimensions = backend.level_dimensions[0]
+        self.level_downsamples = backend.level_downsamples
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        fits = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.01]
+        return fits[-1] if fits else 0
+
+    def read_region(self, location, level, size):
+        from PIL import Image
+
+        with self._lock:
+            return Image.fromarray(self._backend.read(location, level, size)).convert("RGBA")
 
 
 @dataclass(frozen=True)

@@ -11,35 +11,13 @@ and ``dicom.focal_planes`` in the properties say how many there were.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..errors import SourceUnavailable, one_line
-from .backends import NotThisFormat, register_backend
+from .backends import NotThisFormat, RGBAView, register_backend
 from .dicomweb import RETRIES, is_dicomweb, open_series
-
-
-class _RGBAView:
-    """What ``DeepZoomGenerator`` reads: RGBA PIL regions, one read at a time."""
-
-    def __init__(self, backend: DicomBackend):
-        self._backend = backend
-        self._lock = threading.Lock()
-        self.properties = backend.properties
-        self.level_dimensions = backend.level_dimensions
-        self.dimensions = backend.level_dimensions[0]
-        self.level_downsamples = backend.level_downsamples
-
-    def get_best_level_for_downsample(self, downsample: float) -> int:
-        best = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.01]
-        return best[-1] if best else 0
-
-    def read_region(self, location, level, size) -> Image.Image:
-        with self._lock:
-            return Image.fromarray(self._backend.read(location, level, size)).convert("RGBA")
 
 
 def dicom_properties(wsi, ident: dict) -> dict:
@@ -93,7 +71,7 @@ class DicomBackend:
         return np.ascontiguousarray(np.asarray(region.convert("RGB")))
 
     def deepzoom_source(self):
-        return _RGBAView(self)
+        return RGBAView(self)
 
     def close(self) -> None:
         self._wsi.close()

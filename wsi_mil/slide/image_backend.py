@@ -11,26 +11,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from .backends import NotThisFormat, register_backend
+from .backends import NotThisFormat, RGBAView, register_backend
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-
-
-class _RGBAView:
-    def __init__(self, backend: ImageBackend):
-        self._backend = backend
-        self.properties = backend.properties
-        self.level_dimensions = backend.level_dimensions
-        self.dimensions = backend.level_dimensions[0]
-        self.level_downsamples = backend.level_downsamples
-
-    def get_best_level_for_downsample(self, downsample: float) -> int:
-        return 0
-
-    def read_region(self, location, level, size) -> Image.Image:
-        return Image.fromarray(self._backend.read(location, level, size)).convert("RGBA")
 
 
 @register_backend("image", priority=40)
@@ -53,7 +37,7 @@ class ImageBackend:
         return self._rgb[y:y + int(size[1]), x:x + int(size[0])].copy()
 
     def deepzoom_source(self):
-        return _RGBAView(self)
+        return RGBAView(self)
 
     def close(self) -> None:
         self._rgb = np.zeros((0, 0, 3), np.uint8)

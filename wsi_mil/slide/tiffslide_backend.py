@@ -3,35 +3,12 @@ processes may share safely. Tried after OpenSlide by ``slides.backend=auto``."""
 
 from __future__ import annotations
 
-import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .backends import register_backend
-
-
-class _RGBAView:
-    """What ``DeepZoomGenerator`` reads: RGBA PIL regions (tiffslide gives RGB), under a lock (tifffile's
-    handles are not meant for concurrent reads)."""
-
-    def __init__(self, slide):
-        self._slide = slide
-        self._lock = threading.Lock()
-        self.properties = slide.properties
-        self.dimensions = slide.dimensions
-        self.level_dimensions = slide.level_dimensions
-        self.level_downsamples = slide.level_downsamples
-
-    def get_best_level_for_downsample(self, downsample: float) -> int:
-        return self._slide.get_best_level_for_downsample(downsample)
-
-    def read_region(self, location, level, size) -> Image.Image:
-        with self._lock:
-            arr = self._slide.read_region(location, level, size, as_array=True)
-        return Image.fromarray(arr[..., :3]).convert("RGBA")
+from .backends import RGBAView, register_backend
 
 
 @register_backend("tiffslide", priority=20)
@@ -51,7 +28,7 @@ class TiffSlideBackend:
         return np.ascontiguousarray(arr[..., :3])
 
     def deepzoom_source(self):
-        return _RGBAView(self._slide)
+        return RGBAView(self)
 
     def close(self) -> None:
         self._slide.close()
