@@ -737,7 +737,13 @@ def test_huge_indices_truncated_scores_bad_manifests_and_deleted_slides_are_not_
     scores = layout.heatmap_file("default", "plain", "scores.h5")
     scores.write_bytes(scores.read_bytes()[: scores.stat().st_size // 3])  # truncated outside our tools
     layout.manifest.write_bytes(b"slide_id,stage,status,seconds,reason\nplain,tile,failed,0,\xff\xfe bad bytes\n")
+    summary = layout.heatmap_summary("default", "plain")  # hand-edited: NaN, text and a list where numbers go
+    edited = {**json.loads(summary.read_text()), "outputs": {"risk": float("nan"), "pred": "high"},
+              "probabilities": [1, 2], "title": 7}
+    summary.write_text(json.dumps(edited))  # json writes the NaN as NaN, which json.loads reads back
     client = local_client(create_app(Study(out, slides)))
+    row = next(r for r in client.get("/api/study").json()["slides"] if r["slide_id"] == "plain")
+    assert row["probabilities"] == {} and "risk" not in row["values"] and row["headline"] == "7"
     assert client.get("/tiles/plain/slide/" + "9" * 5000 + "/0_0.jpeg").status_code == 404
     assert client.get("/patches/plain/" + "1" * 5000 + ".jpeg").status_code == 404
     assert client.get("/api/study").status_code == 200

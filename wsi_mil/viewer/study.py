@@ -198,15 +198,15 @@ class Study:
         if summary is not None:
             e.has_heatmap = summary.get("n_patches", 0) > 0 and self.heatmap_file(e.slide_id, "scores.h5") is not None
             e.prediction = summary.get("prediction")
-            e.probabilities = {str(k): float(v) for k, v in (summary.get("probabilities") or {}).items()}
+            e.probabilities = _numbers(summary.get("probabilities"))
         elif predicted:
             e.prediction = predicted.get("pred") or None
-            e.probabilities = {k[5:]: float(v) for k, v in predicted.items() if k.startswith("prob_") and _number(v)}
+            e.probabilities = {k[5:]: v for k, v in _numbers(predicted).items() if k.startswith("prob_")}
         for row in (labelled, predicted):
             e.values.update({k: _cell(v) for k, v in (row or {}).items() if k not in BOOKKEEPING and v not in ("", None)})
         if summary is not None:
-            e.values.update({str(k): float(v) for k, v in (summary.get("outputs") or {}).items()})
-            e.headline = summary.get("title")
+            e.values.update(_numbers(summary.get("outputs")))
+            e.headline = str(summary["title"]) if summary.get("title") is not None else None
         if e.headline is None and e.values:
             e.headline = "  ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in e.values.items()
                                    if k not in ("label", "patient_id"))
@@ -218,6 +218,14 @@ def _number(text) -> bool:
         return math.isfinite(float(text))
     except (TypeError, ValueError):
         return False
+
+
+def _numbers(mapping) -> dict[str, float]:
+    """The finite numbers of a mapping read from a file (anything else in it, or a non-mapping, is left out:
+    a hand-edited summary never turns into a 500)."""
+    if not isinstance(mapping, dict):
+        return {}
+    return {str(k): float(v) for k, v in mapping.items() if not isinstance(v, bool) and _number(v)}
 
 
 def _cell(text) -> float | str:
