@@ -21,6 +21,8 @@ WSI_EXTENSIONS = [".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mr
                   ".vsi", ".czi", ".isyntax"]  # the last three are found so each fails with its one-line reason
 
 
+THRESHOLD_RULE = r"^(youden|sensitivity@(0?\.\d+|1(\.0+)?)|0?\.\d+)$"  # train.threshold's grammar
+
 DEFAULT_YAML = Path(__file__).with_name("default.yaml")
 
 
@@ -118,7 +120,7 @@ class TrainConfig(Section):
     survival: SurvivalConfig = Field(default_factory=SurvivalConfig)
     loss: Literal["mse", "huber"] = "mse"  # regression: on the target standardised on the training fold
     label_columns: list[str] = Field(default_factory=list)  # multilabel: the 0/1 columns, one output each
-    threshold: str = Field("0.5", pattern=r"^(youden|sensitivity@(0?\.\d+|1(\.0+)?)|0?\.\d+)$")  # binary: see mil.threshold
+    threshold: str = Field("0.5", pattern=THRESHOLD_RULE)  # binary: youden | sensitivity@x | x (mil.threshold)
     bag_level: Literal["slide", "patient"] = "slide"  # patient: a patient's slides form one bag
     labels: Path | None = None
     features: Path | None = None

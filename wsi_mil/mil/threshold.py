@@ -15,7 +15,9 @@ import re
 
 import numpy as np
 
-RULE = re.compile(r"^(youden|sensitivity@(0?\.\d+|1(\.0+)?)|0?\.\d+)$")
+from ..config import THRESHOLD_RULE
+
+RULE = re.compile(THRESHOLD_RULE)
 
 
 def pick_threshold(y: np.ndarray, p_positive: np.ndarray, rule: str) -> float:

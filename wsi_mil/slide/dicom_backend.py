@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import SourceUnavailable, one_line
 from .backends import NotThisFormat, RGBAView, register_backend
-from .dicomweb import RETRIES, is_dicomweb, open_series
+from .dicomweb import is_dicomweb, open_series, retries
 
 
 def dicom_properties(wsi, ident: dict) -> dict:
@@ -66,7 +66,7 @@ class DicomBackend:
             region = self._wsi.read_region((round(x / ds), round(y / ds)), self._levels[level], tuple(map(int, size)))
         except Exception as exc:
             if self.remote:  # over DICOMweb, a failed read is the server (after its retries), not the tile
-                raise SourceUnavailable(f"DICOMweb read failed after {RETRIES} retries ({one_line(exc)})") from None
+                raise SourceUnavailable(f"DICOMweb read failed after {retries()} retries ({one_line(exc)})") from None
             raise
         return np.ascontiguousarray(np.asarray(region.convert("RGB")))
 

@@ -24,8 +24,15 @@ from pathlib import Path
 from ..errors import SlideError, SourceUnavailable
 
 PREFIX = "dicomweb+"
-RETRIES = int(os.environ.get("WSI_MIL_DICOMWEB_RETRIES", "3"))
-BACKOFF_S = float(os.environ.get("WSI_MIL_DICOMWEB_BACKOFF", "0.5"))
+
+
+def retries() -> int:
+    return int(os.environ.get("WSI_MIL_DICOMWEB_RETRIES", "3"))
+
+
+def backoff_s() -> float:
+    return float(os.environ.get("WSI_MIL_DICOMWEB_BACKOFF", "0.5"))
+
 _LOCATOR = re.compile(r"^dicomweb\+(https?):/+(.+?)/studies/([^/]+)/series/([^/]+)$")
 
 
@@ -78,9 +85,8 @@ def session():
     from urllib3.util.retry import Retry
 
     s = requests.Session()
-    retries = int(os.environ.get("WSI_MIL_DICOMWEB_RETRIES", RETRIES))
-    backoff = float(os.environ.get("WSI_MIL_DICOMWEB_BACKOFF", BACKOFF_S))
-    retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff,
+    n = retries()
+    retry = Retry(total=n, connect=n, read=n, status=n, backoff_factor=backoff_s(),
                   status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET", "HEAD"),
                   raise_on_status=False)
     for scheme in ("http://", "https://"):
@@ -126,7 +132,7 @@ def open_series(path):
     except requests.HTTPError as exc:
         raise _refused(series, exc.response.status_code if exc.response is not None else "?") from None
     except requests.RequestException as exc:
-        raise SourceUnavailable(f"DICOMweb server {series.url} unreachable after {RETRIES} retries "
+        raise SourceUnavailable(f"DICOMweb server {series.url} unreachable after {retries()} retries "
                                 f"({type(exc).__name__}; series {series.series_uid})") from None
 
 

@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..atomic import atomic_path, write_csv, write_text
 from ..config import Config, TrainConfig
 from ..device import pick_device
 from ..errors import WsiMilError
 from ..layout import Layout
-from ..mil.data import load_bagset, load_features, patient_bags
+from ..mil.data import BagCache, load_bagset, patient_bags
 from ..mil.ensemble import Ensemble, resolve_model
 from ..mil.evaluation import intervals
 from ..mil.patients import bag_level
@@ -45,11 +44,9 @@ def _cohort(ens: Ensemble, features: Path, labels: Path):
 def _outputs(ens: Ensemble, bags: list, progress: bool) -> np.ndarray:
     from tqdm import tqdm
 
-    rows = []
-    for bag in tqdm(bags, desc="evaluate", unit="bag", disable=not progress, leave=False):
-        feats = torch.cat([load_features(p) for p in (bag.paths or (bag.path,))])
-        rows.append(ens(feats)[0])
-    return np.stack(rows)
+    reader = BagCache(0)  # reads a slide's or a patient's files as one bag; keeps nothing
+    return np.stack([ens(reader.get(bag))[0]
+                     for bag in tqdm(bags, desc="evaluate", unit="bag", disable=not progress, leave=False)])
 
 
 def evaluate(layout: Layout, cfg: Config, labels: Path, model: Path | str | None = None,

@@ -68,9 +68,8 @@ def predict_bag(ensemble: Ensemble, paths: list[Path], ident: dict, note: str = 
     return row
 
 
-def _bags(ensemble: Ensemble, files: dict[str, Path], cfg: Config) -> list[tuple[dict, list[Path], str]]:
+def _bags(files: dict[str, Path], patients: dict[str, str] | None) -> list[tuple[dict, list[Path], str]]:
     """(row ids, feature files, note) per bag: one per slide, or per patient for a patient-level run."""
-    patients = patient_map(ensemble.meta, cfg.train.labels)
     if patients is None:
         return [({"slide_id": sid}, [path], "") for sid, path in files.items()]
     out = []
@@ -91,14 +90,15 @@ def predict(layout: Layout, cfg: Config, model: Path | None = None, features: Pa
     if not files:
         raise WsiMilError(f"no feature files in {features}")
     result = PredictResult(Path(output) if output else layout.predictions(ref.name), len(ensemble.models))
-    for ident, paths, note in _bags(ensemble, files, cfg):
+    patients = patient_map(ensemble.meta, cfg.train.labels)
+    for ident, paths, note in _bags(files, patients):
         try:
             result.rows.append(predict_bag(ensemble, paths, ident, note))
         except Exception as exc:  # one bad file never stops the others
             for path in paths:
                 result.failed.append(Record(path.stem, "predict", "failed", 0.0, one_line(exc)))
     columns = ensemble.task.ensemble_columns()
-    ids = ["patient_id", "slides"] if patient_map(ensemble.meta, cfg.train.labels) is not None else ["slide_id"]
+    ids = ["patient_id", "slides"] if patients is not None else ["slide_id"]
     write_csv(result.output, result.rows, [*ids, *columns, "n_patches", "model_id", "note"])
     done = [Record(sid, "predict", "done", 0.0, r["note"] or str(r.get("pred", r[columns[0]])))
             for r in result.rows for sid in (r["slides"].split(";") if "slides" in r else [r["slide_id"]])]

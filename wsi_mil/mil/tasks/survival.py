@@ -39,6 +39,18 @@ def _arrays(bags: list[Bag]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([b.time for b in bags], float), np.array([b.event for b in bags], int)
 
 
+def _harrell(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's c-index (scikit-survival); NaN without an event or a comparable pair."""
+    from sksurv.metrics import concordance_index_censored
+
+    if not event.any() or len(time) < 2:
+        return math.nan
+    try:
+        return float(concordance_index_censored(event.astype(bool), time, risk)[0])
+    except ValueError:  # no comparable pair
+        return math.nan
+
+
 @register
 class Survival(Task):
     name = "survival"
@@ -117,15 +129,7 @@ class Survival(Task):
         return survival_metrics(*_arrays(test), risk, *_arrays(train))
 
     def val_metrics(self, val: list[Bag], outputs: np.ndarray) -> dict:
-        from sksurv.metrics import concordance_index_censored
-
-        time, event = _arrays(val)
-        if not event.any() or len(val) < 2:
-            return {"val_c_index": math.nan}
-        try:
-            return {"val_c_index": float(concordance_index_censored(event.astype(bool), time, self.risk(outputs))[0])}
-        except ValueError:  # no comparable pair
-            return {"val_c_index": math.nan}
+        return {"val_c_index": _harrell(*_arrays(val), self.risk(outputs))}
 
     def monitor(self, row: dict) -> float:
         if self.monitor_on == "c_index":
@@ -179,19 +183,8 @@ class Survival(Task):
 
     def ensemble_metrics(self, bags: list[Bag], outputs: np.ndarray) -> dict:
         """Harrell's c-index of the ensemble's risk (scikit-survival); undefined without an event."""
-        from sksurv.metrics import concordance_index_censored
-
         time, event = _arrays(bags)
-        risk = outputs[:, 0]
-
-        def c_index(i):
-            if not event[i].any():
-                return math.nan
-            try:
-                return concordance_index_censored(event[i].astype(bool), time[i], risk[i])[0]
-            except ValueError:  # no comparable pair
-                return math.nan
-        return {"c_index": c_index}
+        return {"c_index": lambda i: _harrell(time[i], event[i], outputs[i, 0])}
 
     def evaluation_plots(self, out_dir, bags: list[Bag], outputs: np.ndarray, groups: np.ndarray, n_boot: int,
                          seed: int) -> dict:
