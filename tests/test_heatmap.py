@@ -188,7 +188,7 @@ def test_unknown_export_names_are_refused_in_one_line(cohort, tmp_path, capsys):
     assert "unknown export 'pdf'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model", ["clam_mb", "transmil", "dsmil"])
+@pytest.mark.parametrize("model", ["clam_mb", "transmil", "dsmil", "dtfd_mil"])
 def test_every_kind_of_head_maps_and_per_class_heads_export_one_measurement_per_class(mapped, tmp_path, model):
     import csv
 
@@ -213,7 +213,9 @@ def test_every_kind_of_head_maps_and_per_class_heads_export_one_measurement_per_
     names = set(geo["features"][0]["properties"]["measurements"])
     with h5py.File(folder / "scores.h5") as fh:
         n = len(fh["coords"])
-        if model in ("clam_mb", "dsmil"):  # one map per class
+        from wsi_mil.mil.models import create_model
+
+        if create_model(model, 4, 3).per_class:  # one map per class
             assert summary["per_class_maps"] and fh["class_attention_logits"].shape == (3, n)
             assert {f"attention_percentile_{c}" for c in "abc"} <= names
             k = "abc".index(summary["prediction"])

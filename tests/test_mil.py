@@ -18,35 +18,60 @@ from wsi_mil.mil.train import fit, predict_bags
 from wsi_mil.runner import read_manifest
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_model_follows_the_contract(name):
-    """Every registered head: output shapes, padding invariance, a bag alone equals it padded, the same seed
-    gives the same model, and the loss backpropagates into its parameters."""
-    torch.manual_seed(0)
-    small = {"name": name, "hidden_dim": 8, "attention_dim": 4, "dropout": 0.0}  # each head takes what it declares
-    model = build_model(small, 16, 3).eval()
+def _grid_bags() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two bags of 16-d instances on a patch grid (cells touching, so spatial heads see neighbours); the
+    second is padded after 4 instances."""
     x = torch.randn(2, 7, 16)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 4:] = False
-    out = model(x, mask)
+    cells = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [3, 2], [2, 1]])
+    return x, mask, torch.stack([cells, cells.flip(0)])
+
+
+def _loss_with(model, x, mask, cells) -> float:
+    torch.manual_seed(1)
+    model.train()
+    with torch.no_grad():
+        loss = float(model.compute_loss(model(x, mask, cells), torch.tensor([0, 2]))["loss"])
+    model.eval()
+    return loss
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_follows_the_contract(name):
+    """Every registered head: output shapes, padding invariance (features and cells), a bag alone equals
+    it padded, the same seed gives the same model, the loss backpropagates into its parameters, and heads
+    that use positions give the same output for a translated grid and a different one for a shuffled grid."""
+    torch.manual_seed(0)
+    small = {"name": name, "hidden_dim": 8, "attention_dim": 4, "dropout": 0.0}  # each head takes what it declares
+    model = build_model(small, 16, 3).eval()
+    x, mask, cells = _grid_bags()
+    out = model(x, mask, cells)
     scores = out.instance_scores
     assert out.logits.shape == (2, 3)
     assert scores.shape == ((2, 3, 7) if model.per_class else (2, 7))
     pad = scores[1, ..., 4:]
     assert torch.isneginf(pad).all() and torch.isfinite(scores[0]).all() and torch.isfinite(scores[1, ..., :4]).all()
-    x2 = x.clone()
+    x2, cells2 = x.clone(), cells.clone()
     x2[1, 4:] = 1e3  # garbage in padded slots changes nothing
-    out2 = model(x2, mask)
+    cells2[1, 4:] = torch.tensor([0, 0])
+    out2 = model(x2, mask, cells2)
     torch.testing.assert_close(out.logits, out2.logits)
     torch.testing.assert_close(out.instance_scores, out2.instance_scores)
-    alone = model(x[1:, :4], mask[1:, :4])  # the same bag alone, unpadded
+    alone = model(x[1:, :4], mask[1:, :4], cells[1:, :4])  # the same bag alone, unpadded
     torch.testing.assert_close(out.logits[1:], alone.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores[1, ..., :4], alone.instance_scores[0], atol=1e-5, rtol=1e-5)
+    moved = model(x, mask, cells + torch.tensor([1000, -37]))  # the same tissue further along the slide
+    torch.testing.assert_close(moved.logits, out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moved.instance_scores, out.instance_scores, atol=1e-5, rtol=1e-5)
+    apart = model(x, mask, cells * 5)  # no two patches touch: a head that uses positions sees it (in its
+    assert MODELS[name].uses_positions == (_loss_with(model, x, mask, cells * 5) != _loss_with(model, x, mask, cells)
+                                           or not torch.allclose(apart.logits, out.logits, atol=1e-5))  # output or loss)
     torch.manual_seed(0)
     twin = build_model(small, 16, 3).eval()
-    torch.testing.assert_close(twin(x, mask).logits, out.logits)
+    torch.testing.assert_close(twin(x, mask, cells).logits, out.logits)
     model.train()
-    losses = model.compute_loss(model(x, mask), torch.tensor([0, 2]))
+    losses = model.compute_loss(model(x, mask, cells), torch.tensor([0, 2]))
     assert "loss" in losses and torch.isfinite(losses["loss"])
     losses["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]  # a class absent from y may get none
@@ -393,6 +418,7 @@ def test_wsi_mil_models_lists_every_head_and_the_readme_carries_the_same_table(c
     for name in MODELS:
         built = create_model(name, 8, 2)
         row = next(ln for ln in lines if ln.split()[0] == name)
-        assert row.count("yes") == int(built.localises) + int(built.per_class) and MODELS[name].paper in row
+        assert row.count("yes") == int(built.localises) + int(built.per_class) + int(MODELS[name].uses_positions)
+        assert MODELS[name].paper in row
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "\n".join("  " + ln for ln in markdown_table().splitlines()) in readme

@@ -34,8 +34,8 @@ def run(opts: Options) -> None:
     def pure() -> float:
         model.train()
         t0 = time.perf_counter()
-        for x, mask, y in batches:
-            loss = model.compute_loss(model(x, mask), y)["loss"]
+        for x, mask, y, coords in batches:
+            loss = model.compute_loss(model(x, mask, coords), y)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

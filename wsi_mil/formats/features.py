@@ -78,6 +78,28 @@ def read_feature_spec(path: str | Path) -> FeatureSpec:
         return FeatureSpec.from_attrs(attrs_of(ds), path.parent.name, int(ds.shape[1]))
 
 
+def read_bag_cells(path: str | Path) -> np.ndarray | None:
+    """A bag's (N, 2) int64 grid cells (col, row), row-aligned with its features: the patch grid's
+    ``grid_index``, recovered from the level-0 ``coords`` and the grid step (the tiler places patch i at
+    round(i * step_level0), so round(coords / step_level0) gives i back exactly). A features file from
+    another tool, without our patch spec, takes the smallest spacing between its coords as the step;
+    one without ``coords`` has no positions (None)."""
+    with h5py.File(Path(path), "r") as fh:
+        if "coords" not in fh:
+            return None
+        coords = fh["coords"][:].astype(np.float64).reshape(-1, 2)
+        attrs = attrs_of(fh["coords"])
+    step = float(attrs.get("step_level0") or attrs.get("patch_size_level0") or 0) or _spacing(coords)
+    return np.rint(coords / step).astype(np.int64)
+
+
+def _spacing(coords: np.ndarray) -> float:
+    gaps = [np.diff(np.unique(coords[:, i])) for i in range(2)]
+    gaps = np.concatenate(gaps) if len(coords) else np.zeros(0)
+    gaps = gaps[gaps > 0]
+    return float(gaps.min()) if len(gaps) else 1.0
+
+
 def read_bag(path: str | Path, with_coords: bool = False):
     """A bag's (N, D) features (and (N, 2) coords with the patch spec when asked). NaN or inf anywhere is
     an error naming the file: non-finite features never become a prediction."""

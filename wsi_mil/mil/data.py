@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import WsiMilError
-from ..formats import bag_size, read_bag, read_feature_spec
+from ..formats import bag_size, read_bag, read_bag_cells, read_feature_spec
 from ..layout import slide_files
 from ..runner.memory import large_blocks_from_mmap
 from ..userfiles import read_csv_rows
@@ -39,6 +39,7 @@ class Bag:
     values: tuple[int, ...] | None = None  # multi-label: one 0/1 per target
     slides: tuple[str, ...] = ()  # a patient-level bag: its slides ...
     paths: tuple[Path, ...] = ()  # ... and their feature files, read one after the other as one bag
+    cells: torch.Tensor | None = None  # (N, 2) grid cells of a bag held in memory (None: none, or read from path)
 
     @property
     def target(self):
@@ -128,6 +129,21 @@ def feature_info(path: Path) -> tuple[int, str]:
     return spec.feature_dim, spec.encoder_id
 
 
+def side_by_side(cells: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The grid cells of a patient's slides as one grid: each slide placed right of the one before with
+    a gap of one cell, so no patch of one slide neighbours a patch of another (None if any slide has no
+    positions)."""
+    if any(c is None for c in cells):
+        return None
+    out, left = [], 0
+    for c in cells:
+        if len(c):
+            c = c - c.min(0).values + torch.tensor([left, 0])
+            left = int(c[:, 0].max()) + 2
+        out.append(c)
+    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
+
+
 def load_features(path: Path, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A bag's (N, D) features; NaN or inf anywhere is an error naming the file (never a prediction)."""
     t = torch.from_numpy(read_bag(path))
@@ -141,6 +157,7 @@ class BagCache:
         large_blocks_from_mmap()  # an evicted bag's memory goes back to the system (~0.2 GB less peak RSS)
         self.max_bytes, self.dtype = float(max_bytes), dtype
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cells: dict[str, torch.Tensor] = {}  # small (16 bytes a patch): kept for every bag seen
         self.bytes = 0
         self.reads = 0
 
@@ -149,10 +166,23 @@ class BagCache:
         dtype = torch.float16 if tcfg.cache_dtype == "float16" else torch.float32
         return cls(tcfg.cache_gb * 2**30 / max(1, share), dtype)
 
+    def cells(self, bag: Bag) -> torch.Tensor | None:
+        """The bag's (N, 2) grid cells (a patient's slides side by side), or None for an in-memory bag
+        without positions."""
+        if bag.features is not None:
+            return bag.cells
+        key = _key(bag)
+        hit = self._cells.get(key)
+        if hit is None:
+            paths = bag.paths or (bag.path,)
+            hit = side_by_side([bag_cells(p) for p in paths])
+            self._cells[key] = hit
+        return hit
+
     def get(self, bag: Bag) -> torch.Tensor:
         if bag.features is not None:
             return bag.features
-        key = "|".join(map(str, bag.paths)) if bag.paths else str(bag.path)
+        key = _key(bag)
         hit = self._items.get(key)
         if hit is not None:
             self._items.move_to_end(key)
@@ -170,8 +200,18 @@ class BagCache:
         return t
 
 
+def bag_cells(path: Path) -> torch.Tensor | None:
+    """A features file's (N, 2) grid cells (:func:`wsi_mil.formats.read_bag_cells`), or None."""
+    cells = read_bag_cells(path)
+    return None if cells is None else torch.from_numpy(cells)
+
+
+def _key(bag: Bag) -> str:
+    return "|".join(map(str, bag.paths)) if bag.paths else str(bag.path)
+
+
 class BagDataset(torch.utils.data.Dataset):
-    """Items ``(index, epoch)`` -> ``(features, label)``; an instance subsample (``max_instances``) is drawn
+    """Items ``(index, epoch)`` -> ``(features, target, cells or None)``; an instance subsample (``max_instances``) is drawn
     from a seed of (seed, epoch, index), so it is the same with or without DataLoader workers."""
 
     def __init__(self, bags: list[Bag], cache: BagCache, max_instances: int | None = None, seed: int = 0):
@@ -182,27 +222,33 @@ class BagDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
-        f = self.cache.get(self.bags[i])
+        f, cells = self.cache.get(self.bags[i]), self.cache.cells(self.bags[i])
         if self.max_instances is not None and len(f) > self.max_instances:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 10_007 + i) % 2**63)
-            f = f[torch.randperm(len(f), generator=g)[: self.max_instances]]
-        return f, self.bags[i].target
+            pick = torch.randperm(len(f), generator=g)[: self.max_instances]
+            f, cells = f[pick], (cells[pick] if cells is not None else None)
+        return f, self.bags[i].target, cells
 
 
-def pad_batch(items: list[tuple[torch.Tensor, object]], dtype: torch.dtype = torch.float32):
-    """``[(features (N_i, D), target), ...]`` -> x (B, N_max, D), mask (B, N_max), y: (B,) class indices, or
-    (B, 3) float (interval, time, event) for survival."""
-    n_max = max(1, max(len(f) for f, _ in items))
+def pad_batch(items: list[tuple], dtype: torch.dtype = torch.float32):
+    """``[(features (N_i, D), target[, cells (N_i, 2) or None]), ...]`` -> x (B, N_max, D), mask (B, N_max),
+    y: (B,) class indices, or (B, 3) float (interval, time, event) for survival, ..., and coords
+    (B, N_max, 2) long, or None when any bag has no positions."""
+    n_max = max(1, max(len(it[0]) for it in items))
     dim = items[0][0].shape[1]
     x = torch.zeros(len(items), n_max, dim, dtype=dtype)
     mask = torch.zeros(len(items), n_max, dtype=torch.bool)
-    for i, (f, _) in enumerate(items):
-        x[i, :len(f)] = f
-        mask[i, :len(f)] = True
-    targets = [t for _, t in items]
+    cells = [it[2] if len(it) > 2 else None for it in items]
+    coords = None if any(c is None for c in cells) else torch.zeros(len(items), n_max, 2, dtype=torch.long)
+    for i, it in enumerate(items):
+        x[i, :len(it[0])] = it[0]
+        mask[i, :len(it[0])] = True
+        if coords is not None:
+            coords[i, :len(it[0])] = cells[i]
+    targets = [it[1] for it in items]
     if isinstance(targets[0], (tuple, float)):  # survival, multi-label, regression
-        return x, mask, torch.tensor(targets, dtype=torch.float32)
-    return x, mask, torch.tensor(targets, dtype=torch.long)
+        return x, mask, torch.tensor(targets, dtype=torch.float32), coords
+    return x, mask, torch.tensor(targets, dtype=torch.long), coords
 
 
 def load_bagset(features_dir: str | Path, labels_csv: str | Path, missing: str = "skip",

@@ -41,6 +41,12 @@ def digits_bags(n_train: int = 200, n_test: int = 100, mean_size: int = 10, std_
     return train, test, test_inst
 
 
+def instance_scores(model, bag: Bag) -> torch.Tensor:
+    """A model's instance scores for one in-memory bag (with its grid cells, if it has them)."""
+    cells = bag.cells[None] if bag.cells is not None else None
+    return model(bag.features[None], torch.ones(1, len(bag.features), dtype=torch.bool), cells).instance_scores[0]
+
+
 def evaluate(model, test: list[Bag], instance_labels: list[np.ndarray]) -> tuple[float, float]:
     """(bag AUROC, attention instance AUROC over the positive test bags) of a trained model."""
     from sklearn.metrics import roc_auc_score
@@ -53,8 +59,7 @@ def evaluate(model, test: list[Bag], instance_labels: list[np.ndarray]) -> tuple
     with torch.no_grad():
         for bag, labels in zip(test, instance_labels):
             if bag.label == 1:
-                out = model(bag.features[None], torch.ones(1, len(bag.features), dtype=torch.bool))
-                s = out.instance_scores[0]
+                s = instance_scores(model, bag)
                 scores += (s[1] if s.dim() == 2 else s).tolist()  # per-class heads: the positive class's map
                 truth += labels.tolist()
     return bag_auc, float(roc_auc_score(truth, scores))
@@ -122,7 +127,66 @@ def evaluate_survival(model, task, test: list[Bag], instance_labels: list[np.nda
     with torch.no_grad():
         for bag, labels in zip(test, instance_labels):
             if labels.any():
-                s = model(bag.features[None], torch.ones(1, len(bag.features), dtype=torch.bool)).instance_scores[0]
+                s = instance_scores(model, bag)
                 scores += (s.mean(0) if s.dim() == 2 else s).tolist()
                 truth += labels.tolist()
     return {"c_index": float(c), "oracle_c_index": float(oracle), "instance_auroc": float(roc_auc_score(truth, scores))}
+
+
+def spatial_digits_bags(n_train: int = 400, n_test: int = 200, side: int = 7, target: int = 9,
+                        seed: int = 0) -> tuple[list[Bag], list[Bag], list[np.ndarray]]:
+    """Spatial digits-bags: each bag is a ``side`` x ``side`` grid of digit images carrying its grid cells.
+    A bag is positive iff it holds a contiguous block (2x2, 2x3 or 3x2) of target digits. Every bag also
+    holds isolated target digits (no two touching, none touching the block): 2-5 in a negative bag, 0-2
+    in a positive one, so the count of target digits overlaps between the classes (4-8 against 2-5) and
+    only their arrangement tells them apart. Instance labels (returned for the test bags) mark the block;
+    the isolated target digits are 0, so a map that finds the block needs to know where patches are.
+
+    Returns (train bags, test bags, per-test-bag block labels); train and test draw disjoint images."""
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    pools = (order[: len(order) // 2], order[len(order) // 2:])
+    cells = np.array([(c, r) for r in range(side) for c in range(side)])
+
+    def touches(cell, taken) -> bool:
+        return any(max(abs(cell[0] - t[0]), abs(cell[1] - t[1])) <= 1 for t in taken)
+
+    def layout(positive: bool) -> tuple[set, set]:
+        block = set()
+        if positive:
+            w, h = [(2, 2), (2, 3), (3, 2)][rng.integers(3)]
+            c0, r0 = rng.integers(0, side - w + 1), rng.integers(0, side - h + 1)
+            block = {(c0 + i, r0 + j) for i in range(w) for j in range(h)}
+        want, isolated = (rng.integers(0, 3) if positive else rng.integers(2, 6)), set()
+        for k in rng.permutation(len(cells)):
+            cell = tuple(int(v) for v in cells[k])
+            if len(isolated) == want:
+                break
+            if not touches(cell, block | isolated):
+                isolated.add(cell)
+        return block, isolated
+
+    def make(n: int, pool: np.ndarray, offset: int):
+        pos_pool, neg_pool = pool[y[pool] == target], pool[y[pool] != target]
+        bags, inst = [], []
+        for i in range(n):
+            block, isolated = layout(i % 2 == 1)
+            is_target = np.array([tuple(c) in block | isolated for c in cells])
+            idx = np.where(is_target, rng.choice(pos_pool, len(cells)), rng.choice(neg_pool, len(cells)))
+            bags.append(Bag(f"bag{offset + i:04d}", torch.from_numpy(X[idx]), int(bool(block)), f"p{offset + i}",
+                            cells=torch.from_numpy(cells.copy())))
+            inst.append(np.array([tuple(c) in block for c in cells], dtype=int))
+        return bags, inst
+
+    train, _ = make(n_train, pools[0], 0)
+    test, test_inst = make(n_test, pools[1], n_train)
+    return train, test, test_inst
+
+
+def without_positions(bags: list[Bag]) -> list[Bag]:
+    """The same bags with their grid cells dropped (a head then sees no neighbours)."""
+    from dataclasses import replace
+
+    return [replace(b, cells=None) for b in bags]

@@ -158,16 +158,19 @@ class Ensemble:
         self.per_class = bool(getattr(self.models[0], "per_class", False))
 
     @torch.no_grad()
-    def __call__(self, features: torch.Tensor, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, features: torch.Tensor, precision: str = "fp32",
+                 cells: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The mean of the folds' outputs (class probabilities (C,); the risk, value or per-target
-        probabilities for other tasks) and mean instance scores ((N,) or (C, N)) for one bag."""
+        probabilities for other tasks) and mean instance scores ((N,) or (C, N)) for one bag; ``cells``
+        (N, 2) are its grid cells, for heads that use positions."""
         x = features.float()[None].to(self.device)
         mask = torch.ones(1, len(features), dtype=torch.bool, device=self.device)
+        coords = None if cells is None else torch.as_tensor(cells)[None].to(self.device)
         probs, scores = [], []
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=precision == "bf16" or (self.device.type == "cuda" and precision != "fp32")):
             for model, task in zip(self.models, self.tasks):
-                out = model(x, mask)
+                out = model(x, mask, coords)
                 probs.append(task.ensemble_output(task.outputs(out.logits.float()).cpu().numpy()))
                 scores.append(out.instance_scores[0].float())
         p, sc = np.mean(probs, axis=0), torch.stack(scores).mean(0).cpu().numpy()

@@ -66,6 +66,10 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def _to(coords: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if coords is None else coords.to(device)
+
+
 @torch.no_grad()
 def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 1, device="cpu",
                  cache: BagCache | None = None, amp: bool = True, task=None) -> tuple[np.ndarray, float]:
@@ -79,9 +83,9 @@ def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 1, device=
         return _task_outputs(model, ds, batch_size, device, amp, task)
     probs, losses = [], []
     for i in range(0, len(bags), batch_size):
-        x, mask, y = pad_batch([ds[j] for j in range(i, min(i + batch_size, len(bags)))])
+        x, mask, y, coords = pad_batch([ds[j] for j in range(i, min(i + batch_size, len(bags)))])
         with autocast(device, amp):
-            out = model(x.to(device), mask.to(device))
+            out = model(x.to(device), mask.to(device), _to(coords, device))
         logits = out.logits.float()
         probs.append(torch.softmax(logits, 1).cpu())
         losses.append(nn.functional.cross_entropy(logits, y.to(device), reduction="sum").item())
@@ -92,9 +96,9 @@ def predict_bags(model: nn.Module, bags: list[Bag], batch_size: int = 1, device=
 def _task_outputs(model, ds: BagDataset, batch_size: int, device, amp: bool, task) -> tuple[np.ndarray, float]:
     logits, targets = [], []
     for i in range(0, len(ds), batch_size):
-        x, mask, y = pad_batch([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+        x, mask, y, coords = pad_batch([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
         with autocast(device, amp):
-            logits.append(model(x.to(device), mask.to(device)).logits.float().cpu())
+            logits.append(model(x.to(device), mask.to(device), _to(coords, device)).logits.float().cpu())
         targets.append(y)
     if not logits:
         return np.zeros((0, 0)), math.nan
@@ -131,10 +135,10 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
         model.train()
         sampler.order, sampler.epoch = _order(labels, balance, gen, n_classes).tolist(), epoch
         total, seen = 0.0, 0
-        for x, mask, y in loader:
+        for x, mask, y, coords in loader:
             x, mask, y = x.to(device, non_blocking=True), mask.to(device), y.to(device)
             with autocast(device, tcfg.amp):
-                out = model(x, mask)
+                out = model(x, mask, _to(coords, device))
             loss = model.compute_loss(out, y, weight, bag_loss)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()

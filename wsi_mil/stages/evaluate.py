@@ -45,7 +45,7 @@ def _outputs(ens: Ensemble, bags: list, progress: bool) -> np.ndarray:
     from tqdm import tqdm
 
     reader = BagCache(0)  # reads a slide's or a patient's files as one bag; keeps nothing
-    return np.stack([ens(reader.get(bag))[0]
+    return np.stack([ens(reader.get(bag), cells=reader.cells(bag))[0]
                      for bag in tqdm(bags, desc="evaluate", unit="bag", disable=not progress, leave=False)])
 
 

@@ -28,6 +28,7 @@ from ..heatmap.raster import colorize
 from ..heatmap.scoring import BagScores, SlideMap, map_slide
 from ..layout import Layout, encoder_id
 from ..mil.checkpoint import check_compatible
+from ..mil.data import bag_cells, side_by_side
 from ..mil.ensemble import Ensemble, model_path, resolve_model
 from ..mil.patients import group_slides, patient_map
 from ..mil.tasks.base import MapView
@@ -75,7 +76,12 @@ def _load_features(layout: Layout, slide_id: str, ens: Ensemble):
         raise WsiMilError(f"{slide_id}: no {path.relative_to(layout.root)}; run 'wsi-mil extract' first")
     feats, coords, spec = read_bag(path, with_coords=True)
     check_compatible(ens.meta, int(feats.shape[1]), ens.meta.encoder_id, path.name)
-    return torch.from_numpy(feats), coords, spec
+    return torch.from_numpy(feats), coords, spec, bag_cells(path)
+
+
+def _features_and_cells(layout: Layout, slide_id: str, ens: Ensemble) -> tuple[torch.Tensor, torch.Tensor]:
+    feats, _, _, cells = _load_features(layout, slide_id, ens)
+    return feats, cells
 
 
 @dataclass(frozen=True)
@@ -87,26 +93,28 @@ class SlideBag:
     coords: np.ndarray
     spec: PatchSpec
     part: slice
+    cells: torch.Tensor  # grid cells of the whole bag (a patient's slides side by side)
     patient_id: str | None = None
     slides: tuple[str, ...] = ()
 
 
 def _slide_bag(layout: Layout, cfg: Config, slide_id: str, ens: Ensemble) -> SlideBag:
-    feats, coords, spec = _load_features(layout, slide_id, ens)
+    feats, coords, spec, cells = _load_features(layout, slide_id, ens)
     patients = patient_map(ens.meta, cfg.train.labels)
     if patients is None:
-        return SlideBag(feats, coords, spec, slice(0, len(coords)))
+        return SlideBag(feats, coords, spec, slice(0, len(coords)), cells)
     pid = patients.get(slide_id, slide_id)
     have = [s for s, p in patients.items() if p == pid and layout.features(ens.meta.encoder_id, s).is_file()]
     members = group_slides([*have, slide_id] if slide_id not in have else have, patients)[pid]
-    parts = [feats if s == slide_id else _load_features(layout, s, ens)[0] for s in members]
-    start = sum(len(f) for f in parts[:members.index(slide_id)])
-    return SlideBag(torch.cat(parts), coords, spec, slice(start, start + len(coords)), pid, tuple(members))
+    parts = [(feats, cells) if s == slide_id else _features_and_cells(layout, s, ens) for s in members]
+    start = sum(len(f) for f, _ in parts[:members.index(slide_id)])
+    return SlideBag(torch.cat([f for f, _ in parts]), coords, spec, slice(start, start + len(coords)),
+                    side_by_side([c for _, c in parts]), pid, tuple(members))
 
 
 def _bag_scores(ens: Ensemble, bag: SlideBag, precision: str):
     """The bag's prediction as the task shows it, and this slide's part of its instance scores."""
-    output, scores = ens(bag.features, precision)
+    output, scores = ens(bag.features, precision, bag.cells)
     view = ens.task.map_view(output)
     att, rows = view.pick(scores), view.rows(scores)
     whole = bag.part != slice(0, len(bag.features))
@@ -139,7 +147,8 @@ def _refine_scorer(slide: SlideRef, cfg: Config, ens: Ensemble, spec: PatchSpec,
         prep = prepared_encoder(cfg.encoder, cfg.extract)
         feats, _ = extract_patches(prep, patch_dataset(slide.path, new, spec, prep.encoder.geometry,
                                                        cfg.extract.read_group), cfg.extract)
-        _, scores = ens(torch.from_numpy(feats), precision)
+        step = spec.patch_size_level0 * (1 - cfg.heatmap.refine_overlap)  # the denser grid's cells
+        _, scores = ens(torch.from_numpy(feats), precision, torch.from_numpy(np.rint(new / step).astype(np.int64)))
         return view.pick(scores)
 
     return score

@@ -18,7 +18,7 @@ from ..device import pick_device
 from ..errors import WsiMilError, one_line
 from ..layout import Layout, slide_files
 from ..mil.checkpoint import check_compatible
-from ..mil.data import feature_info, load_features
+from ..mil.data import bag_cells, feature_info, load_features, side_by_side
 from ..mil.ensemble import Ensemble, resolve_model
 from ..mil.patients import group_slides, patient_map
 from ..runner import Record, update_manifest
@@ -58,12 +58,13 @@ def predict_bag(ensemble: Ensemble, paths: list[Path], ident: dict, note: str = 
         check_compatible(ensemble.meta, dim, enc, path.name)
         parts.append(load_features(path))
     feats = torch.cat(parts)
+    cells = side_by_side([bag_cells(p) for p in paths])
     row = {**ident, "n_patches": len(feats), "model_id": ensemble.model_id}
     if len(feats) == 0:
         row.update({**ensemble.task.ensemble_row(None),
                     "note": "; ".join(filter(None, ["0 patches (no tissue): no prediction", note]))})
         return row
-    output, _ = ensemble(feats)
+    output, _ = ensemble(feats, cells=cells)
     row.update({**ensemble.task.ensemble_row(output), "note": note})
     return row
 

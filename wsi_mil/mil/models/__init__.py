@@ -6,7 +6,21 @@
 
 from __future__ import annotations
 
-from . import abmil, clam, dsmil, pooling, transmil  # noqa: F401  (each registers its heads)
+from . import (  # noqa: F401  (each registers its heads)
+    abmil,
+    camil,
+    clam,
+    dsmil,
+    dtfd_mil,
+    iibmil,
+    patch_gcn,
+    pooling,
+    prob_smooth_abmil,
+    sm_abmil,
+    sm_transformer_abmil,
+    transformer_abmil,
+    transmil,
+)
 from .base import MILModel, MILOutput, masked_softmax
 from .registry import MODELS, HeadOptions, build_model, create_model, head_options, register
 

@@ -24,7 +24,7 @@ class ABMIL(MILModel):
         self.attention = GatedAttention(hidden_dim, attention_dim, 1, gated)
         self.classifier = torch.nn.Linear(hidden_dim, n_classes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)
         att = neg_inf_outside(self.attention(h).squeeze(-1), mask)
         z = torch.einsum("bn,bnh->bh", masked_softmax(att, mask), h)

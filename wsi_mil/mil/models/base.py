@@ -1,6 +1,10 @@
 """The contract every MIL head follows (after torchmil's ``forward`` / ``compute_loss`` split).
 
-``forward(features[B, N, D], mask[B, N] bool) -> MILOutput``:
+``forward(features[B, N, D], mask[B, N] bool, coords[B, N, 2] | None = None) -> MILOutput``:
+
+- ``coords``: the patches' grid cells (col, row) from the patch grid, carried by the bag cache; heads
+  that use positions (``uses_positions`` in the registry) build their neighbourhood from them
+  (:mod:`.graph`), the others ignore them. ``None`` means no positions: no instance has neighbours.
 
 - ``logits``: [B, C] bag logits;
 - ``instance_scores``: [B, N], or [B, C, N] for heads with per-class attention (``per_class = True``);

@@ -56,7 +56,7 @@ class CLAM(MILModel):
             self.classifier = nn.Linear(hidden_dim, n_classes)
         self.instance_classifiers = nn.ModuleList(nn.Linear(hidden_dim, 2) for _ in range(n_classes))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)
         att = neg_inf_outside(self.attention(h).transpose(1, 2), mask)  # [B, K, N]
         z = masked_softmax(att, mask.unsqueeze(1)) @ h  # [B, K, H]

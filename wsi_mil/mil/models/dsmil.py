@@ -38,7 +38,7 @@ class DSMIL(MILModel):
         self.v = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
         self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hidden_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)  # [B, N, H]
         c = neg_inf_outside(self.instance_classifier(h).transpose(1, 2), mask)  # [B, C, N]
         critical = c.argmax(-1)  # [B, C]

@@ -23,14 +23,14 @@ class MeanPool(MILModel):
         self.embed = embed(in_dim, hidden_dim, dropout)
         self.classifier = torch.nn.Linear(hidden_dim, n_classes)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, coords=None):
         h = self.embed(x) * mask.unsqueeze(-1)
         z = h.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return MILOutput(self.classifier(z), neg_inf_outside(torch.zeros(mask.shape, device=x.device), mask))
 
 
 class MaxPool(MeanPool):
-    def forward(self, x, mask):
+    def forward(self, x, mask, coords=None):
         h = self.embed(x)
         z = torch.nan_to_num(h.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1), neginf=0.0)
         scores = neg_inf_outside(self.classifier(h).amax(-1), mask)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ...errors import ConfigError
 from .base import MILModel
@@ -35,6 +35,18 @@ class EmbedOptions(HeadOptions):
 
 class AttentionOptions(EmbedOptions):
     attention_dim: int = Field(128, ge=1)
+
+
+class MultiHeadOptions(AttentionOptions):
+    """Options of heads with multi-head attention over ``hidden_dim``: ``heads`` must divide it."""
+
+    heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        if self.hidden_dim % self.heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of heads {self.heads}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -88,8 +100,8 @@ class WithEmbedding(MILModel):
         self.head = inner
         self.per_class, self.localises = inner.per_class, inner.localises
 
-    def forward(self, x, mask):
-        return self.head(self.pre(x), mask)
+    def forward(self, x, mask, coords=None):
+        return self.head(self.pre(x), mask, coords)
 
     def compute_loss(self, output, target, class_weight=None, bag_loss=None):
         return self.head.compute_loss(output, target, class_weight, bag_loss)

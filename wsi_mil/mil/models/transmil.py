@@ -151,7 +151,7 @@ class TransMIL(MILModel):
         logits = self.head(self.norm(h)[:, 0])[0]
         return logits, torch.log(row[0, 1:n + 1].float().clamp_min(1e-12))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         logits, scores = [], torch.full(mask.shape, float("-inf"), device=x.device)
         for b in range(x.shape[0]):
             lg, sc = self._bag(x[b, mask[b]])
