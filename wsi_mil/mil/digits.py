@@ -136,11 +136,12 @@ def evaluate_survival(model, task, test: list[Bag], instance_labels: list[np.nda
 def spatial_digits_bags(n_train: int = 400, n_test: int = 200, side: int = 7, target: int = 9,
                         seed: int = 0) -> tuple[list[Bag], list[Bag], list[np.ndarray]]:
     """Spatial digits-bags: each bag is a ``side`` x ``side`` grid of digit images carrying its grid cells.
-    A bag is positive iff it holds a contiguous block (2x2, 2x3 or 3x2) of target digits. Every bag also
-    holds isolated target digits (no two touching, none touching the block): 2-5 in a negative bag, 0-2
-    in a positive one, so the count of target digits overlaps between the classes (4-8 against 2-5) and
-    only their arrangement tells them apart. Instance labels (returned for the test bags) mark the block;
-    the isolated target digits are 0, so a map that finds the block needs to know where patches are.
+    A bag is positive iff it holds a contiguous block of target digits (2x2, or 2x3 / 3x2). A negative bag
+    holds as many target digits, scattered: k isolated ones (no two touching) with k drawn like the block's
+    size (4 or 6). Every bag also holds 0 or 1 further isolated target digit, touching nothing. So the
+    number of target digits has the same distribution in both classes: only their arrangement tells the
+    classes apart. Instance labels (returned for the test bags) mark the block; the isolated target digits
+    are 0, so a map that finds the block needs to know where patches are.
 
     Returns (train bags, test bags, per-test-bag block labels); train and test draw disjoint images."""
     X, y = load_digits(return_X_y=True)
@@ -153,20 +154,24 @@ def spatial_digits_bags(n_train: int = 400, n_test: int = 200, side: int = 7, ta
     def touches(cell, taken) -> bool:
         return any(max(abs(cell[0] - t[0]), abs(cell[1] - t[1])) <= 1 for t in taken)
 
-    def layout(positive: bool) -> tuple[set, set]:
-        block = set()
-        if positive:
-            w, h = [(2, 2), (2, 3), (3, 2)][rng.integers(3)]
-            c0, r0 = rng.integers(0, side - w + 1), rng.integers(0, side - h + 1)
-            block = {(c0 + i, r0 + j) for i in range(w) for j in range(h)}
-        want, isolated = (rng.integers(0, 3) if positive else rng.integers(2, 6)), set()
-        for k in rng.permutation(len(cells)):
-            cell = tuple(int(v) for v in cells[k])
+    def scatter(want: int, taken: set) -> set:
+        while True:  # a random greedy placement; redrawn in the rare case it boxes itself in
+            isolated: set = set()
+            for k in rng.permutation(len(cells)):
+                cell = tuple(int(v) for v in cells[k])
+                if len(isolated) < want and not touches(cell, taken | isolated):
+                    isolated.add(cell)
             if len(isolated) == want:
-                break
-            if not touches(cell, block | isolated):
-                isolated.add(cell)
-        return block, isolated
+                return isolated
+
+    def layout(positive: bool) -> tuple[set, set]:
+        w, h = [(2, 2), (2, 3), (3, 2)][rng.integers(3)]
+        extra = int(rng.integers(0, 2))
+        if not positive:
+            return set(), scatter(w * h + extra, set())
+        c0, r0 = rng.integers(0, side - w + 1), rng.integers(0, side - h + 1)
+        block = {(int(c0) + i, int(r0) + j) for i in range(w) for j in range(h)}
+        return block, scatter(extra, block)
 
     def make(n: int, pool: np.ndarray, offset: int):
         pos_pool, neg_pool = pool[y[pool] == target], pool[y[pool] != target]

@@ -7,8 +7,9 @@ grid gives the same graph (the heads are translation invariant by construction, 
 ``coords=None`` (bags with no positions, e.g. the classical MIL data sets) every instance stands alone:
 no edges.
 
-A :class:`GridGraph` holds the edges of the whole batch on flat indices ``b * N + i``; graphs are cached
-per bag content (the last 64), so a bag seen every epoch builds its neighbourhood once.
+A :class:`GridGraph` holds the edges of the whole batch on flat indices ``b * N + i``; each bag's edges are
+cached by its cells (the last 256 bags), so a bag seen every epoch builds its neighbourhood once, whatever
+batch it lands in.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 OFFSETS = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0)]
-_CACHE: OrderedDict[tuple, GridGraph] = OrderedDict()
-CACHE_SIZE = 64
+_CACHE: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+CACHE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -54,39 +55,44 @@ class GridGraph:
 
 
 def grid_graph(coords: torch.Tensor | None, mask: torch.Tensor) -> GridGraph:
-    """The 8-neighbourhood graph of the present instances of each bag (padding has no edges)."""
+    """The 8-neighbourhood graph of the present instances of each bag (padding has no edges). Each bag's
+    edges come from :func:`bag_edges` (cached by the bag's cells), so a batch only offsets them."""
     b, n = mask.shape
-    if coords is None:
+    if coords is None or not mask.any():
         empty = torch.zeros(0, dtype=torch.long, device=mask.device)
         return GridGraph(empty, empty, b * n, torch.zeros(b * n, device=mask.device))
     c, m = coords.detach().to("cpu", torch.long), mask.detach().cpu()
-    key = (hashlib.blake2b(c.numpy().tobytes() + m.numpy().tobytes(), digest_size=16).digest(), b, n)
-    graph = _CACHE.get(key)
-    if graph is None:
-        graph = _build(c, m)
-        _CACHE[key] = graph
+    src, dst = [], []
+    for i in range(b):
+        slots = torch.nonzero(m[i]).squeeze(1)
+        s, d = bag_edges(c[i, slots])
+        src.append(slots[s] + i * n)
+        dst.append(slots[d] + i * n)
+    src, dst = torch.cat(src), torch.cat(dst)
+    degree = torch.zeros(b * n).index_add_(0, src, torch.ones(len(src)))
+    return GridGraph(src.to(mask.device), dst.to(mask.device), b * n, degree.to(mask.device))
+
+
+def bag_edges(cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bag's (M, 2) cells -> (src, dst) index pairs of touching cells, cached by content (last 256 bags)."""
+    key = hashlib.blake2b(cells.numpy().tobytes(), digest_size=16).digest()
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _edges(cells)
+        _CACHE[key] = hit
         if len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
-    return graph.to(mask.device)
+    return hit
 
 
-def _build(coords: torch.Tensor, mask: torch.Tensor) -> GridGraph:
-    b, n = mask.shape
-    flat = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    if len(flat) == 0:
-        return grid_graph(None, mask)
-    cells = coords.reshape(-1, 2)[flat]
-    bag = flat // n
-    start = torch.full((b, 2), 0, dtype=torch.long)
-    for i in range(b):  # relative to each bag's corner: keys stay small and translation cannot matter
-        here = cells[bag == i]
-        if len(here):
-            start[i] = here.min(0).values
-    rel = cells - start[bag] + 1
+def _edges(cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(cells) == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    rel = cells - cells.min(0).values + 1  # from the bag's corner: keys stay small, translation cannot matter
     side = int(rel.max()) + 2
-    keys = (bag * side + rel[:, 0]) * side + rel[:, 1]
+    keys = rel[:, 0] * side + rel[:, 1]
     order = torch.argsort(keys)
     sorted_keys = keys[order]
     src, dst = [], []
@@ -94,11 +100,9 @@ def _build(coords: torch.Tensor, mask: torch.Tensor) -> GridGraph:
         want = keys + dx * side + dy
         pos = torch.searchsorted(sorted_keys, want).clamp_max(len(keys) - 1)
         hit = sorted_keys[pos] == want
-        src.append(flat[hit])
-        dst.append(flat[order[pos[hit]]])
-    src, dst = torch.cat(src), torch.cat(dst)
-    degree = torch.zeros(b * n).index_add_(0, src, torch.ones(len(src)))
-    return GridGraph(src, dst, b * n, degree)
+        src.append(torch.nonzero(hit).squeeze(1))
+        dst.append(order[pos[hit]])
+    return torch.cat(src), torch.cat(dst)
 
 
 def normalized_spread(h: torch.Tensor, graph: GridGraph) -> torch.Tensor:
