@@ -21,7 +21,7 @@ class Options:
     mil_folds: int = 10
     mil_epochs: int = 20
     mil_batch: int = 1
-    mil_repeats: int = 1
+    mil_repeats: int = 3  # the bar: at least 3 repeats of 10-fold CV
     mil_recipe: str = "ilse2018"  # ilse2018 | default
     mil_set: tuple[str, ...] = ()  # config overrides on top of the recipe
 
