@@ -24,6 +24,8 @@ class Options:
     mil_repeats: int = 3  # the bar: at least 3 repeats of 10-fold CV
     mil_recipe: str = "ilse2018"  # ilse2018 | default
     mil_set: tuple[str, ...] = ()  # config overrides on top of the recipe
+    spatial_models: tuple[str, ...] = ()  # spatial: default every registered head
+    spatial_set: tuple[str, ...] = ()  # spatial: config overrides on top of its recipe
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -56,6 +58,9 @@ def parser(sections: list[str]) -> argparse.ArgumentParser:
     ap.add_argument("--mil-set", action="append", default=[], metavar="KEY=VALUE",
                     help="mil section: a config override on top of the recipe, for every model (repeatable), "
                     "e.g. model.dropout=0.25 or train.max_instances=16")
+    ap.add_argument("--spatial-models", default="", help="spatial section: comma-separated heads (default: all)")
+    ap.add_argument("--spatial-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="spatial section: a config override for every head (repeatable), e.g. train.lr=0.0005")
     return ap
 
 
@@ -64,4 +69,5 @@ def from_args(args: argparse.Namespace) -> Options:
                    patches=args.patches, clam=args.clam,
                    mil_dir=args.mil_dir, mil_models=_names(args.mil_models), mil_data=_names(args.mil_data),
                    mil_folds=args.mil_folds, mil_epochs=args.mil_epochs, mil_batch=args.mil_batch,
-                   mil_repeats=args.mil_repeats, mil_recipe=args.mil_recipe, mil_set=tuple(args.mil_set))
+                   mil_repeats=args.mil_repeats, mil_recipe=args.mil_recipe, mil_set=tuple(args.mil_set),
+                   spatial_models=_names(args.spatial_models), spatial_set=tuple(args.spatial_set))

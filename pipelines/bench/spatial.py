@@ -21,14 +21,15 @@ def run(opts: Options) -> None:
     train, test, inst = spatial_digits_bags(n_train=n_train, n_test=n_test, seed=0)
     print(f"\n== spatial: spatial digits-bags ({n_train} train bags, {n_test} test, 7 x 7 grid; positive = a "
           f"2x2/2x3 block of 9s, negatives as many isolated 9s, every bag 0-1 more isolated), {epochs} epochs, "
-          f"batch 8, CPU {torch.get_num_threads()} threads")
+          f"batch 8, lr 2e-3{' ' + ' '.join(opts.spatial_set) if opts.spatial_set else ''}, "
+          f"CPU {torch.get_num_threads()} threads")
     print("  head                  uses positions  bag AUROC (cells / none)  block AUROC (cells / none)  "
           "seconds (cells / none)")
-    names = ["abmil", "sm_abmil"] if opts.quick else sorted(MODELS)  # quick: one head of each kind
+    names = ["abmil", "sm_abmil"] if opts.quick else list(opts.spatial_models) or sorted(MODELS)  # quick: one of each
     for name in names:
         cfg = load_config(None, [f"model.name={name}", "model.hidden_dim=64", "model.attention_dim=32",
                                  "model.dropout=0.0", f"train.epochs={epochs}", f"train.min_epochs={epochs}",
-                                 "train.lr=0.002", "train.batch_size=8"])
+                                 "train.lr=0.002", "train.batch_size=8", *opts.spatial_set])
         got = []
         for with_cells in (True, False) if MODELS[name].uses_positions else (True,):
             tr, te = (train, test) if with_cells else (without_positions(train), without_positions(test))
