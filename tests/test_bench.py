@@ -20,7 +20,8 @@ def test_every_bench_section_runs_in_its_quick_form(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, (out[-3000:], proc.stderr[-3000:])
     for name in SECTIONS:
         assert f"== {name}:" in out, name
-    for ratio in ("b/a =", "ours / naive =", "a/b =", "throughput ratio", "seconds per slide", "cold p95"):
+    for ratio in ("b/a =", "ours / naive =", "a/b =", "throughput ratio", "seconds per slide", "cold p95",
+                  "serial/dask ="):
         assert ratio in out, ratio
 
 

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--workers", type=int, help="runner.workers")
             sp.add_argument("--dask-address", help="join an existing Dask cluster (tcp://host:port)")
             sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "train":
+            sp.add_argument("--nproc", type=int, default=1, metavar="N",
+                            help="data-parallel ranks on this machine, each fit under DDP (gloo on CPU, NCCL on GPUs)")
         if name in ("predict", "run"):
             sp.add_argument("--model", type=Path, help="a checkpoint file or a run folder (default: models/<run>)")
         if name == "predict":
@@ -174,6 +177,12 @@ def dispatch(args, cfg: Config) -> int:
         print(result.summary())
         return 0 if result.ok else 1
     if args.stage == "train":
+        if args.nproc < 1:
+            raise WsiMilError(f"--nproc {args.nproc}: give 1 or more ranks")
+        if args.nproc > 1:
+            from .mil.ddp import launch
+
+            return launch(args.nproc, main, _without_nproc(sys.argv[1:] if args.argv is None else args.argv))
         from .stages.train import train
 
         train(layout, cfg, progress=progress)
@@ -218,8 +227,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line a spawned rank runs: the same, without ``--nproc N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

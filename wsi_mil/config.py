@@ -134,6 +134,7 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "adamw"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)
     batch_size: int = Field(1, ge=1)
+    accumulate: int = Field(1, ge=1)
     max_instances: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = True

@@ -31,8 +31,14 @@ class CheckpointMeta:
     task: dict | None = None  # the fold's task: its name and what it was fitted to (e.g. survival intervals)
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: CheckpointMeta) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as contiguous CPU tensors (what a checkpoint holds; picklable between processes)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: CheckpointMeta) -> None:
+    """Write ``model`` (a module, or its :func:`state_of`) and ``meta`` to a safetensors file, atomically."""
+    state = model if isinstance(model, dict) else state_of(model)
     with atomic_path(path) as tmp:
         try:
             save_file(state, str(tmp), metadata={"wsi_mil": json.dumps(asdict(meta))})

@@ -5,6 +5,7 @@ minimum epochs) keeping the best weights, bf16 autocast on CUDA. Bags stream thr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, TrainConfig
 from .data import Bag, BagCache, BagDataset, pad_batch
+from .ddp import all_sum, rank_and_world, shard, wrap
 from .models import build_model
 
 
@@ -106,6 +108,43 @@ def _task_outputs(model, ds: BagDataset, batch_size: int, device, amp: bool, tas
     return task.outputs(z).numpy(), float(task.bag_loss(z, y))
 
 
+class WithLoss(nn.Module):
+    """A head and its loss as one module, so DDP sees every parameter the loss uses (CLAM's instance
+    classifiers, ...) in its forward pass. The head runs under autocast (``amp``), the loss in fp32."""
+
+    def __init__(self, model: nn.Module, amp: bool):
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, x, mask, coords, y, weight=None, bag_loss=None) -> torch.Tensor:
+        with autocast(x.device, self.amp):
+            out = self.model(x, mask, coords)
+        return self.model.compute_loss(out, y, weight, bag_loss)["loss"]
+
+
+def _epoch(net: nn.Module, loader, opt, accumulate: int, weight, bag_loss, device) -> tuple[float, int]:
+    """One pass over this rank's bags; an optimizer step every ``accumulate`` batches (and after the
+    last), on the mean of their losses. Under DDP, gradients are averaged over ranks at each step only.
+    Returns this rank's summed bag loss and bag count."""
+    steps = len(loader)
+    total, seen = 0.0, 0
+    opt.zero_grad(set_to_none=True)
+    for b, (x, mask, y, coords) in enumerate(loader):
+        first = b - b % accumulate
+        group, stepping = min(accumulate, steps - first), b + 1 == min(first + accumulate, steps)
+        sync = contextlib.nullcontext() if stepping or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            loss = net(x.to(device, non_blocking=True), mask.to(device), _to(coords, device), y.to(device), weight,
+                       bag_loss)
+            (loss / group).backward()
+        if stepping:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        total += loss.item() * len(y)
+        seen += len(y)
+    return total, seen
+
+
 def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: ModelConfig, tcfg: TrainConfig,
         seed: int, device="cpu", progress: bool = False, cache: BagCache | None = None, task=None) -> FitResult:
     """Fit one head. ``task`` (:mod:`wsi_mil.mil.tasks`) other than classification gives the output width
@@ -129,22 +168,16 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
     best = (math.inf, 0, copy.deepcopy(model.state_dict()))
     history = []
     stale = 0
-    epochs = tqdm(range(1, tcfg.epochs + 1), desc="epochs", leave=False, disable=not progress)
+    rank, world = rank_and_world()
+    net = wrap(WithLoss(model, tcfg.amp))
+    epochs = tqdm(range(1, tcfg.epochs + 1), desc="epochs", leave=False, disable=not progress or rank > 0)
     for epoch in epochs:
         t0 = time.perf_counter()
         model.train()
-        sampler.order, sampler.epoch = _order(labels, balance, gen, n_classes).tolist(), epoch
-        total, seen = 0.0, 0
-        for x, mask, y, coords in loader:
-            x, mask, y = x.to(device, non_blocking=True), mask.to(device), y.to(device)
-            with autocast(device, tcfg.amp):
-                out = model(x, mask, _to(coords, device))
-            loss = model.compute_loss(out, y, weight, bag_loss)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(y)
-            seen += len(y)
+        sampler.order = shard(_order(labels, balance, gen, n_classes).tolist(), rank, world)
+        sampler.epoch = epoch
+        total, seen = _epoch(net, loader, opt, tcfg.accumulate, weight, bag_loss, device)
+        total, seen = all_sum([total, seen])
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "seconds": time.perf_counter() - t0}
         if val:
             outs, row["val_loss"] = predict_bags(model, val, device=device, cache=cache, amp=tcfg.amp, task=task)

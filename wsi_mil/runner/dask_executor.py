@@ -47,6 +47,8 @@ class DaskExecutor(Executor):
             if resources and any("GPU" in w.get("resources", {}) for w in info.values()):
                 self.resources = resources  # only ask for GPUs the cluster advertises
             return
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # the in-process scheduler's INFO lines
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         gpus = local_gpus() if resources and "GPU" in resources else []
         n = len(gpus) if gpus else (workers or os.cpu_count() or 1)
         self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,

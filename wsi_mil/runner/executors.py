@@ -8,6 +8,7 @@ Stages never see which executor runs them. ``serial`` and ``process`` are built 
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -27,6 +28,17 @@ def _pin_gpu(queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
 
 
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """A worker killed mid-task leaves the pool's semaphores to multiprocessing's resource tracker, which
+    would warn about them at exit; the lost task is already retried or reported, so the tracker (started
+    with this interpreter's warning options) stays quiet."""
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)
+
+
 class ProcessExecutor(Executor):
     """A local process pool (spawned, so no forked threads or slide handles). Dead workers are retried.
 
@@ -40,6 +52,7 @@ class ProcessExecutor(Executor):
         self.retries = retries
 
     def _pool(self, n: int):
+        _quiet_resource_tracker()
         ctx = mp.get_context("spawn")
         if not self.gpus:
             return ProcessPoolExecutor(max_workers=n, mp_context=ctx)

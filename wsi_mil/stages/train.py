@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +24,18 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, clean_stale_temps, file_sha256, write_csv, write_text
 from ..config import Config, config_to_dict
-from ..device import pick_device
 from ..errors import WsiMilError, one_line
 from ..layout import Layout, encoder_id
-from ..mil.checkpoint import CheckpointMeta, save_checkpoint
+from ..mil.checkpoint import save_checkpoint
 from ..mil.data import BagCache, BagSet, load_bagset, patient_bags
+from ..mil.ddp import init_from_env, is_main
 from ..mil.ensemble import write_run_summary
+from ..mil.folds import FoldFit, FoldSpec, fit_fold, make_task, use_cache
 from ..mil.metrics import mean_std
 from ..mil.models import build_model
 from ..mil.splits import fixed_split, kfold_splits
-from ..mil.tasks import Task, check_finite, task_class
-from ..mil.train import fit, predict_bags
+from ..mil.tasks import Task, task_class
+from ..runner import make_executor
 
 
 def features_dir(layout: Layout, cfg: Config) -> Path:
@@ -60,54 +64,39 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def make_task(data: BagSet, cfg: Config) -> Task:
-    return task_class(cfg.train.task)(data.label_map, cfg.train)
+def _split_rows(task: Task, bags: list, splits: list) -> list[dict]:
+    return [{"slide_id": bags[i].slide_id, "patient_id": bags[i].patient_id, **task.truth(bags[i]), "fold": fold,
+             "split": name} for fold, idx in enumerate(splits) for name, members in zip(("train", "val", "test"), idx)
+            for i in members]
 
 
-def _fold(task: Task, bags: list, idx: tuple, fold: int, data: BagSet, cfg: Config, out_dir: Path, ctx: dict):
-    """Fit one fold and save its checkpoint; returns (fold task, fold bags, fit result)."""
-    tr, va, _ = idx
-    ftask = task.for_fold([bags[i] for i in tr])
-    fbags = ftask.fold_bags(bags)
-    res = fit([fbags[i] for i in tr], [fbags[i] for i in va], data.feature_dim, len(data.label_map), cfg.model,
-              cfg.train, seed=cfg.train.seed + fold, device=ctx["device"], progress=ctx["progress"],
-              cache=ctx["cache"], task=ftask)
-    meta = CheckpointMeta(config_to_dict(cfg.model), data.label_map, data.feature_dim, data.encoder_id,
-                          fold, res.best_epoch, config_to_dict(cfg), ftask.out_dim(), ftask.describe())
-    save_checkpoint(out_dir / f"fold_{fold}.safetensors", res.model, meta)
-    return ftask, fbags, res
+def cv_splits(data: BagSet, cfg: Config) -> list:
+    """(train, val, test) indices per fold: the split column, or patient-grouped stratified k-fold."""
+    t, bags = cfg.train, data.bags
+    if t.split_column:
+        return fixed_split([b.split for b in bags])
+    groups = np.array([b.patient_id for b in bags])
+    return kfold_splits(make_task(data, cfg).strata(bags), groups, t.folds, t.val_fraction, t.seed)
 
 
-def train_cv(data: BagSet, cfg: Config, out_dir: Path, progress: bool = False, cache: BagCache | None = None) -> dict:
-    """Train every fold and write every output into ``out_dir`` (summary.json last); return the summary."""
+def write_run(data: BagSet, cfg: Config, splits: list, fits: list[FoldFit], out_dir: Path) -> dict:
+    """Write one run from its fold fits, whose checkpoints are in ``out_dir`` already (summary.json last);
+    return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     task, bags, t = make_task(data, cfg), data.bags, cfg.train
-    groups = np.array([b.patient_id for b in bags])
-    splits = (fixed_split([b.split for b in bags]) if t.split_column
-              else kfold_splits(task.strata(bags), groups, t.folds, t.val_fraction, t.seed))
-    ctx = {"device": pick_device(t.device), "progress": progress,
-           "cache": cache or BagCache.from_config(t, share=max(1, t.num_workers))}
-    split_rows, history, fold_metrics, fold_files, fold_sha = [], [], [], [], []
+    history, fold_metrics, fold_files, fold_sha = [], [], [], []
     oof: list[np.ndarray | None] = [None] * len(bags)
     fold_of = np.full(len(bags), -1)
-    for fold, idx in enumerate(splits):
-        for name, members in zip(("train", "val", "test"), idx):
-            split_rows += [{"slide_id": bags[i].slide_id, "patient_id": bags[i].patient_id, **task.truth(bags[i]),
-                            "fold": fold, "split": name} for i in members]
-        ftask, fbags, res = _fold(task, bags, idx, fold, data, cfg, out_dir, ctx)
-        history += [{"fold": fold, **h} for h in res.history]
-        fold_files.append(f"fold_{fold}.safetensors")
-        fold_sha.append(file_sha256(out_dir / f"fold_{fold}.safetensors"))
-        te = idx[2]
-        if len(te):
-            outputs, _ = predict_bags(res.model, [fbags[i] for i in te], device=ctx["device"], cache=ctx["cache"],
-                                      amp=t.amp, task=ftask)
-            check_finite(outputs, f"fold {fold}")
-            for i, row in zip(te, outputs):
-                oof[i], fold_of[i] = row, fold
-            fold_metrics.append({"fold": fold, "best_epoch": res.best_epoch, **ftask.describe(),
-                                 **ftask.metrics([bags[i] for i in te], outputs, [bags[i] for i in idx[0]])})
-    write_csv(out_dir / "splits.csv", split_rows)
+    for res in sorted(fits, key=lambda f: f.fold):
+        name = f"fold_{res.fold}.safetensors"  # saved as the fit finished
+        fold_files.append(name)
+        fold_sha.append(file_sha256(out_dir / name))
+        history += res.history
+        if res.metrics is not None:
+            for i, row in zip(splits[res.fold][2], res.test_outputs):
+                oof[i], fold_of[i] = row, res.fold
+            fold_metrics.append(res.metrics)
+    write_csv(out_dir / "splits.csv", _split_rows(task, bags, splits))
     _write_predictions(out_dir, task, bags, oof, fold_of, data)
     plots = task.write_plots(out_dir, bags, oof)
     write_csv(out_dir / "history.csv", history)
@@ -170,8 +159,9 @@ def run_names(cfg: Config) -> list[tuple[str, str]]:
     return [(n, f"{cfg.train.run_name}_{n}") for n in names]
 
 
-def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Path]:
-    """Train every model in ``model.name`` on the same splits; returns the last summary and run folder."""
+def load_training_bags(layout: Layout, cfg: Config) -> BagSet:
+    """The labelled bags (checked settings first, so a bad one is one line before any bag is read); what
+    was skipped is printed."""
     for name in cfg.model.names:  # an unknown head or option is one line now, before any bag is read
         build_model(cfg.model.model_copy(update={"name": name}), 1, 2)
     if cfg.train.labels is None:
@@ -188,21 +178,87 @@ def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Pat
                       ("labelled slides with 0 patches (no prediction)", data.no_patches)):
         if ids:
             print(f"skipped {len(ids)} {what}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
-    clean_stale_temps(layout.models_dir)  # runs a killed train left half-built
-    cache = BagCache.from_config(cfg.train, share=max(1, cfg.train.num_workers))  # shared by every model and fold
+    return data
+
+
+def train(layout: Layout, cfg: Config, progress: bool = True) -> tuple[dict, Path]:
+    """Train every model in ``model.name`` on the same splits, each (model, fold) fit a task on
+    ``runner.executor``; returns the last summary and run folder."""
+    if init_from_env() and cfg.runner.executor != "serial":
+        raise WsiMilError("train: data-parallel ranks (--nproc, torchrun) run their fits themselves; "
+                          "leave runner.executor=serial")
+    data = load_training_bags(layout, cfg)
+    main_rank = is_main()  # under DDP every rank fits, and rank 0 alone writes
+    if main_rank:
+        clean_stale_temps(layout.models_dir)  # runs a killed train left half-built
+    in_process = cfg.runner.executor == "serial"
+    # in-process fits share the driver's cache, filled here; worker processes fill their own, so then the
+    # driver only checks each bag and keeps none
+    cache = BagCache.from_config(cfg.train, share=max(1, cfg.train.num_workers)) if in_process else BagCache(0)
     check_bags(data, cache, progress)
-    for model_name, run in run_names(cfg):
-        one = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": model_name}),
-                                     "train": cfg.train.model_copy(update={"run_name": run})})
-        final = layout.run_dir(run)
-        with atomic_path(final) as tmp:
-            summary = train_cv(data, one, tmp, progress=progress, cache=cache)
-        key = summary["main_metric"]
-        ms = summary["mean_std"].get(key)
-        shown = {"auroc": "AUROC", "c_index": "c-index", "r2": "R²", "macro_auroc": "macro AUROC"}.get(key, key)
-        score = (f"{shown} {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms
-                 else "no test folds")
-        bags = (f"{summary['n_bags']} patients ({summary['n_slides']} slides)" if summary["bag_level"] == "patient"
-                else f"{summary['n_bags']} slides")
-        print(f"train: {bags}, {model_name} on {data.encoder_id} features; {score}; -> {final}")
-    return summary, final
+    runs = [(model_name, run, cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"name": model_name}),
+        "train": cfg.train.model_copy(update={"run_name": run})})) for model_name, run in run_names(cfg)]
+    splits = cv_splits(data, cfg)
+    if not main_rank:
+        run_fits(data, [one for _, _, one in runs], splits, cfg, cache, False, lambda n, res: None)
+        return {}, layout.run_dir(runs[-1][1])
+    with ExitStack() as stack:  # every run is built in its temp folder and swapped in whole at the end
+        tmps = [stack.enter_context(atomic_path(layout.run_dir(run))) for _, run, _ in runs]
+
+        def keep(n: int, res: FoldFit) -> None:  # each fold's weights are on disk as soon as it is fitted
+            save_checkpoint(tmps[n] / f"fold_{res.fold}.safetensors", res.state, res.meta)
+            res.state = {}
+
+        fits = run_fits(data, [one for _, _, one in runs], splits, cfg, cache, progress, keep)
+        summaries = [write_run(data, one, splits, run_fits_, tmp)
+                     for (_, _, one), run_fits_, tmp in zip(runs, fits, tmps)]
+    for (model_name, run, _), summary in zip(runs, summaries):
+        print(f"train: {_bags_line(summary)}, {model_name} on {data.encoder_id} features; {_score_line(summary)}; "
+              f"-> {layout.run_dir(run)}")
+    return summaries[-1], layout.run_dir(runs[-1][1])
+
+
+def _score_line(summary: dict) -> str:
+    key = summary["main_metric"]
+    ms = summary["mean_std"].get(key)
+    shown = {"auroc": "AUROC", "c_index": "c-index", "r2": "R²", "macro_auroc": "macro AUROC"}.get(key, key)
+    return f"{shown} {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms else "no test folds"
+
+
+def _bags_line(summary: dict) -> str:
+    if summary["bag_level"] == "patient":
+        return f"{summary['n_bags']} patients ({summary['n_slides']} slides)"
+    return f"{summary['n_bags']} slides"
+
+
+@dataclass(frozen=True)
+class _Lost:
+    reason: str
+
+
+def run_fits(data: BagSet, cfgs: list[Config], splits: list, cfg: Config, cache: BagCache, progress: bool,
+             on_fit) -> list[list[FoldFit]]:
+    """Every (model, fold) fit as one task on ``runner.executor``; the fits of each config, in fold order.
+    ``on_fit(config index, fit)`` sees each fit as it finishes. A fit whose worker died ``runner.retries``
+    times fails the train with one line."""
+    r, token = cfg.runner, uuid.uuid4().hex
+    use_cache(token, cache)  # tasks that run in this process read through the driver's cache
+    in_process = r.executor == "serial"
+    specs = [FoldSpec(data, one, fold, idx, token, n * len(splits) + fold, progress and in_process)
+             for n, one in enumerate(cfgs) for fold, idx in enumerate(splits)]
+    gpu = {"GPU": 1} if cfg.train.device in ("auto", "cuda") else None
+    executor = make_executor(r.executor, r.workers, r.retries, r.dask_address, resources=gpu)
+    done: dict[int, FoldFit] = {}
+    try:
+        bar = tqdm(total=len(specs), desc="fits", disable=not progress or len(specs) < 2, leave=False)
+        for spec, res in executor.imap(fit_fold, specs, lambda spec, why: _Lost(why)):
+            if isinstance(res, _Lost):
+                raise WsiMilError(f"train: {spec.cfg.model.name} fold {spec.fold} did not finish: {res.reason}")
+            on_fit(spec.index // len(splits), res)
+            done[spec.index] = res
+            bar.update()
+        bar.close()
+    finally:
+        executor.close()
+    return [[done[n * len(splits) + fold] for fold in range(len(splits))] for n in range(len(cfgs))]

@@ -46,10 +46,13 @@ class MILModel(nn.Module):
 
 def bag_term(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None = None,
              bag_loss=None) -> torch.Tensor:
-    """The bag loss: the task's ``bag_loss``, or (classification) cross-entropy with ``class_weight``."""
+    """The bag loss: the task's ``bag_loss``, or (classification) cross-entropy, each bag's term times its
+    class's ``class_weight``, averaged over the bags. (torch's weighted mean divides by the weights' sum
+    instead, which undoes the weight for one bag per step, the default, and makes a batch of ``B`` bags
+    differ from ``B`` accumulated steps.)"""
     if bag_loss is not None:
         return bag_loss(logits, target)
-    return F.cross_entropy(logits.float(), target, weight=class_weight)
+    return F.cross_entropy(logits.float(), target, weight=class_weight, reduction="none").mean()
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
