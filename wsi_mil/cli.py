@@ -32,6 +32,7 @@ HELP = {
     "export": "a study's features and patches in CLAM, TRIDENT or torchmil layout -> --to DIR",
     "compare": "MIL heads trained on the same folds, side by side -> comparison.{csv,md,png}",
     "view": "the study in the browser: slides, predictions, deep-zoom heatmaps (http://127.0.0.1:8000/)",
+    "serve": "a prediction service: HTTP jobs through tile, extract, predict, heatmap (http://127.0.0.1:8010/docs)",
     "config": "print the effective configuration (defaults + --config + overrides) as commented YAML",
     "encoders": "list the encoder presets: feature width, native tile, transform, pooling, weight formats, licence",
     "models": "list the MIL heads: paper, whether they localise or use positions, per-class maps, tasks",
@@ -74,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--workers", type=int, help="runner.workers")
             sp.add_argument("--dask-address", help="join an existing Dask cluster (tcp://host:port)")
             sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "serve":
+            sp.add_argument("--model", type=Path, help="a run folder or checkpoint (default: models/<train.run_name>)")
+            sp.add_argument("--host", default="127.0.0.1", help="bind address; any but loopback needs the token")
+            sp.add_argument("--port", type=int, default=8010)
+            sp.add_argument("--slides-root", type=Path, action="append", default=[], metavar="DIR",
+                            help="a folder whose slides jobs may name by path (repeatable; none: uploads only)")
+            sp.add_argument("--max-queue", type=int, default=16, help="open jobs at most; more get 429")
+            sp.add_argument("--max-upload-mb", type=float, default=4096, help="request body limit; more get 413")
+            sp.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                            help="also accept requests whose Host is NAME (repeatable; '*' for any)")
         if name == "train":
             sp.add_argument("--nproc", type=int, default=1, metavar="N",
                             help="data-parallel ranks on this machine, each fit under DDP (gloo on CPU, NCCL on GPUs)")
@@ -168,6 +179,12 @@ def dispatch(args, cfg: Config) -> int:
                                                            cfg.train.fold_label_case, cfg.train), args.to))
         return 0
     layout = _writable(args.out)
+    if args.stage == "serve":
+        from .service import serve
+
+        serve(layout, cfg, args.model, args.host, args.port, tuple(args.slides_root), args.max_queue,
+              args.max_upload_mb, tuple(args.allow_host))
+        return 0
     progress = not args.no_progress
     if args.stage in SLIDE_STAGES:
         from .stages.base import run_stage
