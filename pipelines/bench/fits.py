@@ -27,7 +27,7 @@ def _train(out, feats, labels, models: str, extra: list[str]) -> float:
 def run(opts: Options) -> None:
     import shutil
 
-    n_bags, n_inst, dim, epochs = (10, 50, 64, 2) if opts.quick else (40, 1000, 512, 10)
+    n_bags, n_inst, dim, epochs = (10, 50, 64, 2) if opts.quick else (40, 200, 256, 20)
     models, folds = ("abmil,meanpool", 2) if opts.quick else ("abmil,abmil_gated,meanpool", 5)
     n_models = len(models.split(","))
     folder = opts.cache / f"fits_{n_bags}x{n_inst}x{dim}"
