@@ -81,10 +81,10 @@ def server(served, tmp_path):
         s.stop()
 
 
-def wait_done(client: httpx.Client, job: str, timeout: float = 300) -> dict:
+def wait_done(client: httpx.Client, job: str, timeout: float = 300, headers: dict | None = None) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        body = client.get(f"/v1/jobs/{job}").json()
+        body = client.get(f"/v1/jobs/{job}", headers=headers).json()
         if body["status"] not in ("queued", "running"):
             return body
         time.sleep(0.2)
@@ -135,23 +135,13 @@ def test_the_gates_401_403_413_429_and_no_traversal(served, server, tmp_path):
         assert not (tmp_path / "evil.svs").exists() and not (tmp_path / "svc" / "evil.svs").exists()
         first = client.post("/v1/jobs", json={"slides": [str(slides / "m0.svs"), str(slides / "m1.svs")]}, headers=auth)
         if bad.status_code == 202:  # the queue holds one open job: the bad upload's (it fails, then frees it)
-            wait_done_auth(client, bad.json()["id"], auth)
+            wait_done(client, bad.json()["id"], headers=auth)
             first = client.post("/v1/jobs", json={"slides": [str(slides / "m0.svs")]}, headers=auth)
         assert first.status_code == 202
         assert client.post("/v1/jobs", json={"slides": [str(slides / "m1.svs")]}, headers=auth).status_code == 429
         assert client.get("/v1/jobs/0123", headers=auth).status_code == 404
         assert client.get("/v1/jobs/../../etc/passwd", headers=auth).status_code == 404
         assert client.get("/v1/jobs", headers={**auth, "Host": "evil.example"}).status_code == 403
-
-
-def wait_done_auth(client, job, auth, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        body = client.get(f"/v1/jobs/{job}", headers=auth).json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        time.sleep(0.2)
-    raise AssertionError(body)
 
 
 def test_a_kill_9_mid_job_then_restart_finishes_every_slide_once(served, server, tmp_path):
