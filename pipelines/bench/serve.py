@@ -66,8 +66,8 @@ def run(opts: Options) -> None:
     import http.client
 
     clients, per_client, every = 50, (4 if opts.quick else 20), 0.25
-    n = 2 if opts.quick else 8
-    slides, model = _study(opts.cache / f"serve_study_{n}", n, 2048)
+    n, size = (2, 1024) if opts.quick else (8, 2048)
+    slides, model = _study(opts.cache / f"serve_study_{n}x{size}", n, size)
     out = opts.cache / "serve_out"
     shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.Popen([sys.executable, "-m", "wsi_mil.cli", "serve", "--out", str(out), "--model", str(model),
