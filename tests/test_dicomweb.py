@@ -204,6 +204,44 @@ def test_run_and_the_viewer_work_on_a_dicomweb_study(server, credentials, tmp_pa
         y = cv2.imdecode(np.frombuffer(b.content, np.uint8), cv2.IMREAD_COLOR).astype(int)
         assert x.shape == y.shape and np.abs(x - y).mean() < 2
     assert web.get(f"/tiles/cmu_web/overlay/attention/jet/{meta['levels'] - 1}/0_0.png").status_code == 200
+    _serve_the_series_by_reference(server, out, tmp_path)
+
+
+def _serve_the_series_by_reference(server, out: Path, tmp_path: Path) -> None:
+    """``wsi-mil serve`` takes the same series by reference, from an allowed DICOMweb root only, and
+    predicts what ``wsi-mil run`` predicted for it."""
+    import re
+    import signal
+    import subprocess
+
+    import httpx
+
+    srv, study, series, _ = server
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_mil.cli", "serve", "--out", str(tmp_path / "svc"), "--model",
+                             str(out / "models" / "default"), "--port", "0", "--dicomweb-root", srv.dicomweb,
+                             *SMALL_ENCODER, "heatmap.exports=[png]", "heatmap.top_k=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+        ref = {"slide_id": "cmu_web", "dicomweb_url": srv.dicomweb, "study_uid": study, "series_uid": series}
+        with httpx.Client(base_url=url, timeout=60) as client:
+            other = {**ref, "dicomweb_url": "http://169.254.169.254/dicom-web"}  # not an allowed root
+            assert client.post("/v1/jobs", json={"slides": [other]}).status_code == 403
+            job = client.post("/v1/jobs", json={"slides": [ref]}).json()["id"]
+            deadline = time.time() + 300
+            while (body := client.get(f"/v1/jobs/{job}").json())["status"] in ("queued", "running"):
+                assert time.time() < deadline, body
+                time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert body["status"] == "done", body
+    want = next(r for r in csv.DictReader((out / "predictions" / "default.csv").open()) if r["slide_id"] == "cmu_web")
+    got = body["slides"][0]["prediction"]
+    assert got["n_patches"] == int(want["n_patches"])
+    for key in ("prob_a", "prob_b", "pred"):
+        assert str(got[key]) == want[key], (key, got, want)
 
 
 def test_transient_server_errors_are_retried_with_backoff_and_credentials_come_from_the_environment(

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--port", type=int, default=8010)
             sp.add_argument("--slides-root", type=Path, action="append", default=[], metavar="DIR",
                             help="a folder whose slides jobs may name by path (repeatable; none: uploads only)")
+            sp.add_argument("--dicomweb-root", action="append", default=[], metavar="URL",
+                            help="a DICOMweb root whose series jobs may name (repeatable; credentials from the "
+                                 "WSI_MIL_DICOMWEB_* environment)")
             sp.add_argument("--max-queue", type=int, default=16, help="open jobs at most; more get 429")
             sp.add_argument("--max-upload-mb", type=float, default=4096, help="request body limit; more get 413")
             sp.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -183,7 +186,7 @@ def dispatch(args, cfg: Config) -> int:
         from .service import serve
 
         serve(layout, cfg, args.model, args.host, args.port, tuple(args.slides_root), args.max_queue,
-              args.max_upload_mb, tuple(args.allow_host))
+              args.max_upload_mb, tuple(args.allow_host), tuple(args.dicomweb_root))
         return 0
     progress = not args.no_progress
     if args.stage in SLIDE_STAGES:

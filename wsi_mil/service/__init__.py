@@ -21,7 +21,7 @@ __all__ = ["create_service", "serve", "JobStore", "Worker"]
 
 def serve(layout: Layout, cfg: Config, model: Path | None, host: str = "127.0.0.1", port: int = 8010,
           roots: tuple[Path, ...] = (), max_queue: int = 16, max_upload_mb: float = 4096,
-          allow_hosts: tuple[str, ...] = ()) -> None:
+          allow_hosts: tuple[str, ...] = (), dicomweb_roots: tuple[str, ...] = ()) -> None:
     """Resolve and load the model, recover the queue, start the worker and answer HTTP until stopped."""
     for root in roots:
         if not Path(root).is_dir():
@@ -36,7 +36,7 @@ def serve(layout: Layout, cfg: Config, model: Path | None, host: str = "127.0.0.
                                                           name="wsi-mil-serve-worker", daemon=True)
     worker.start()
     app = create_service(store, ref.name, worker.is_alive, layout, list(roots), token, host, allow_hosts,
-                         int(max_upload_mb * 2**20), tuple(cfg.slides.extensions))
+                         int(max_upload_mb * 2**20), tuple(cfg.slides.extensions), dicomweb_roots)
     shown = f"[{host}]" if ":" in host else host
     print(f"wsi-mil serve: model {ref.name} at http://{shown}:{sock.getsockname()[1]}/ (API docs at /docs); "
           f"{requeued} job(s) resumed", flush=True)

@@ -1,7 +1,8 @@
 """``wsi-mil serve``'s HTTP API (FastAPI; OpenAPI docs at ``/docs``).
 
 - ``POST /v1/jobs``: JSON ``{"slides": ["/data/a.svs", ...]}`` (paths under a ``--slides-root``; any other
-  path is 403, whatever ``..`` or links it holds, as the check is on the resolved path) or a multipart
+  path is 403, whatever ``..`` or links it holds, as the check is on the resolved path; or DICOMweb series
+  ``{"slide_id", "dicomweb_url", "study_uid", "series_uid"}`` on a ``--dicomweb-root``, else 403) or a multipart
   upload of slide files (field ``slides``), streamed to ``OUT/service/uploads/<id>/``; a body over
   ``--max-upload-mb`` is 413, a full queue 429. Answers ``{"id": ...}``.
 - ``GET /v1/jobs/{id}``: the job, its slides' status, stage, prediction (``wsi-mil predict``'s row) and
@@ -30,15 +31,26 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from ..errors import SlideError, one_line
 from ..layout import Layout, is_data_name
+from ..slide.dicomweb import from_csv_row
 from ..viewer.app import HostGate
 from .jobs import JobStore, QueueFull
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
+class DicomwebSlide(BaseModel):
+    """A DICOMweb series, as a slide CSV row names one (:mod:`wsi_mil.slide.dicomweb`)."""
+
+    slide_id: str
+    dicomweb_url: str
+    study_uid: str
+    series_uid: str
+
+
 class Submission(BaseModel):
-    slides: list[str] = Field(min_length=1, max_length=1000)
+    slides: list[str | DicomwebSlide] = Field(min_length=1, max_length=1000)
 
 
 class TooLarge(Exception):
@@ -93,10 +105,11 @@ def _under(path: Path, roots: list[Path]) -> bool:
 
 def create_service(store: JobStore, run: str, alive, layout: Layout, roots: list[Path], token: str | None,
                    bind: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (), max_upload: int = 4 << 30,
-                   extensions: tuple[str, ...] = (".svs",)) -> FastAPI:
+                   extensions: tuple[str, ...] = (".svs",), dicomweb_roots: tuple[str, ...] = ()) -> FastAPI:
     """``run`` names the model's run (``heatmaps/<run>/``); ``alive()`` says whether the worker runs."""
     app = FastAPI(title="wsi-mil serve", summary="MIL predictions for whole-slide images", version="1")
     roots = [Path(r).resolve() for r in roots]
+    dicomweb = {u.strip().rstrip("/") for u in dicomweb_roots}
     uploads = layout.root / "service" / "uploads"
 
     @app.middleware("http")
@@ -118,9 +131,23 @@ def create_service(store: JobStore, run: str, alive, layout: Layout, roots: list
             s["heatmap"] = f"/v1/jobs/{job_id}/slides/{s['slide_id']}/heatmap" if done else None
         return job
 
-    def checked_paths(paths: list[str]) -> list[tuple[str, str]]:
+    def checked_series(ref: DicomwebSlide) -> tuple[str, str]:
+        try:
+            series = from_csv_row(ref.model_dump(), "request", 1)
+        except SlideError as exc:
+            raise HTTPException(400, one_line(exc)) from None
+        if series.url not in dicomweb:
+            raise HTTPException(403, f"{series.url}: not an allowed --dicomweb-root")
+        if not is_data_name(ref.slide_id):
+            raise HTTPException(400, f"slide_id {ref.slide_id!r}: not a usable slide id")
+        return ref.slide_id, series.locator
+
+    def checked_paths(paths: list) -> list[tuple[str, str]]:
         out = []
         for raw in paths:
+            if isinstance(raw, DicomwebSlide):
+                out.append(checked_series(raw))
+                continue
             path = Path(raw).expanduser().resolve()
             if not roots or not _under(path, roots):
                 raise HTTPException(403, f"{raw}: not under an allowed --slides-root")
