@@ -31,7 +31,7 @@ def _cluster():
     from dask.distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.ERROR) as cluster:
+                      silence_logs=logging.CRITICAL) as cluster:  # no shutdown-race tracebacks
         yield cluster.scheduler_address
 
 

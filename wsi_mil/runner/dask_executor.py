@@ -51,8 +51,10 @@ class DaskExecutor(Executor):
             logging.getLogger("distributed").setLevel(logging.WARNING)
         gpus = local_gpus() if resources and "GPU" in resources else []
         n = len(gpus) if gpus else (workers or os.cpu_count() or 1)
+        # CRITICAL: a worker's heartbeat racing the scheduler's shutdown logs a traceback at ERROR; task errors
+        # and lost workers reach us through the futures, so nothing a user needs is in those lines
         self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                    silence_logs=logging.ERROR, resources={"GPU": 1} if gpus else None)
+                                    silence_logs=logging.CRITICAL, resources={"GPU": 1} if gpus else None)
         self.client = Client(self.cluster)
         if gpus:
             mapping = dict(zip(sorted(self.client.scheduler_info()["workers"]), gpus))
