@@ -21,7 +21,7 @@ def test_every_bench_section_runs_in_its_quick_form(tmp_path):
     for name in SECTIONS:
         assert f"== {name}:" in out, name
     for ratio in ("b/a =", "ours / naive =", "a/b =", "throughput ratio", "seconds per slide", "cold p95",
-                  "serial/dask =", "5xx: 0 of"):
+                  "serial/dask =", "5xx: 0 of", "pure/ours =", "peak RSS (wsi-mil, default cache)"):
         assert ratio in out, ratio
 
 

@@ -137,7 +137,7 @@ class TrainConfig(Section):
     accumulate: int = Field(1, ge=1)
     max_instances: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    amp: bool = True
+    amp: bool = True  # bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX); fp32 elsewhere
     cache_gb: float = Field(8.0, ge=0)
     cache_dtype: Literal["float32", "float16"] = "float32"
     num_workers: int = Field(0, ge=0)

@@ -14,7 +14,7 @@ class Options:
     encoder: str = "resnet50_trunc"  # extract: preset or timm name
     batch: int = 32  # extract: batch size
     patches: int = 0  # extract: patches timed (0: 256, or 16 with --quick)
-    clam: str = ""  # tile: a CLAM checkout whose create_patches_fp.py is timed on the same slide
+    clam: str = ""  # tile, train: a CLAM checkout timed on the same inputs (create_patches_fp.py, main.py)
     mil_dir: Path = Path("../shared/mil_benchmarks")
     mil_models: tuple[str, ...] = ()  # default: every registered head
     mil_data: tuple[str, ...] = ()  # default: all four data sets
@@ -43,8 +43,9 @@ def parser(sections: list[str]) -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=d.batch, help="extract section: batch size")
     ap.add_argument("--patches", type=int, default=d.patches,
                     help="extract section: patches timed (default 256; 16 with --quick)")
-    ap.add_argument("--clam", default=d.clam, help="tile section: a CLAM checkout whose create_patches_fp.py is "
-                    "timed on the same slide (never vendored; needs its imports, e.g. pandas)")
+    ap.add_argument("--clam", default=d.clam, help="tile and train sections: a CLAM checkout whose "
+                    "create_patches_fp.py (tile) and main.py (train, WSI-scale row) are timed on the same inputs "
+                    "(never vendored; needs its imports: pandas<3, and smooth-topk on PYTHONPATH for the SVM loss)")
     ap.add_argument("--mil-dir", type=Path, default=d.mil_dir, help="mil section: the classical data sets")
     ap.add_argument("--mil-models", default="", help="mil section: comma-separated models (default: all)")
     ap.add_argument("--mil-data", default="", help="mil section: comma-separated data sets (default: all four)")

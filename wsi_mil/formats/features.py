@@ -100,12 +100,18 @@ def _spacing(coords: np.ndarray) -> float:
     return float(gaps.min()) if len(gaps) else 1.0
 
 
-def read_bag(path: str | Path, with_coords: bool = False):
+def read_bag(path: str | Path, with_coords: bool = False, dtype=None, alloc=None):
     """A bag's (N, D) features (and (N, 2) coords with the patch spec when asked). NaN or inf anywhere is
-    an error naming the file: non-finite features never become a prediction."""
+    an error naming the file: non-finite features never become a prediction.
+
+    ``dtype`` converts on read (HDF5 converts, no second copy); ``alloc(shape, dtype)`` gives the array
+    they are read into (the bag cache's own mapped memory, :func:`wsi_mil.runner.memory.mapped_empty`)."""
     path = Path(path)
     with h5py.File(path, "r") as fh:
-        feats = np.ascontiguousarray(fh["features"][:])
+        ds = fh["features"]
+        feats = (alloc or np.empty)(ds.shape, np.dtype(dtype) if dtype is not None else ds.dtype)
+        if feats.size:
+            ds.read_direct(feats)
         extra = (fh["coords"][:].astype(np.int64).reshape(-1, 2), PatchSpec.from_attrs(attrs_of(fh["coords"]))) \
             if with_coords else None
     if feats.dtype.kind == "f" and not np.isfinite(feats).all():

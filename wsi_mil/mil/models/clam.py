@@ -81,9 +81,11 @@ class CLAM(MILModel):
             k = min(self.k_sample, n // 2)
             if k < 1:
                 continue
-            hb = h[b, valid]
+            whole = n == valid.numel()  # a bag without padding: views, not a copy of its (N, H) embeddings
+            hb = h[b] if whole else h[b, valid]
             for c in range(self.n_classes):
-                a = att[b, c if self.per_class else 0, valid]
+                a = att[b, c if self.per_class else 0]
+                a = a if whole else a[valid]
                 top = torch.topk(a, k).indices
                 if c == int(target[b]):
                     bottom = torch.topk(-a, k).indices
@@ -93,7 +95,8 @@ class CLAM(MILModel):
                     idx, labels = top, torch.zeros(k, dtype=torch.long, device=h.device)
                 else:
                     continue
-                losses.append(self._instance_loss(self.instance_classifiers[c](hb[idx]).float(), labels))
+                clf = self.instance_classifiers[c]  # in the classifier's dtype: h is bf16 under autocast
+                losses.append(self._instance_loss(clf(hb[idx].to(clf.weight.dtype)).float(), labels))
         return torch.stack(losses).mean() if losses else h.sum() * 0.0
 
     def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None,
