@@ -178,3 +178,31 @@ def test_a_kill_9_mid_job_then_restart_finishes_every_slide_once(served, server,
     for r in rows:
         assert r["prob_tumour"] == ref[r["slide_id"]]["prob_tumour"]
     assert not [p for p in out.rglob("*") if ".wsi_mil-tmp-" in p.name]
+
+
+def test_uploaded_slides_are_removed_when_their_job_ends_or_is_refused(served, server, tmp_path):
+    """Uploads are the service's own copies: done, cancelled while queued, or refused (429), the folder
+    goes; the predictions stay in the layout and equal what ``wsi-mil run`` gives."""
+    slides, _, ref = served
+    srv = server("--max-queue", "2")
+    uploads = tmp_path / "svc" / "service" / "uploads"
+
+    def upload(client, sid):
+        return client.post("/v1/jobs", files={"slides": (f"{sid}.svs", (slides / f"{sid}.svs").read_bytes())})
+
+    with httpx.Client(base_url=srv.url, timeout=60) as client:
+        first = client.post("/v1/jobs", json={"slides": [str(slides / s) for s in ("m0.svs", "m1.svs", "glass.svs")]})
+        queued = upload(client, "m1")
+        assert first.status_code == queued.status_code == 202
+        cancelled = client.delete(f"/v1/jobs/{queued.json()['id']}").json()
+        kept = upload(client, "m0")  # the queue (two open jobs) is full again when it is taken
+        refused = upload(client, "glass")
+        assert refused.status_code == 429 and kept.status_code == 202
+        if cancelled["status"] == "cancelled":  # still queued when cancelled: its upload went at once
+            assert len(list(uploads.iterdir())) == 1
+        body = wait_done(client, kept.json()["id"])
+        wait_done(client, first.json()["id"])
+        wait_done(client, queued.json()["id"])
+    assert body["status"] == "done" and body["slides"][0]["prediction"]["prob_tumour"] == ref["m0"]["prob_tumour"]
+    assert uploads.is_dir() and not list(uploads.iterdir())
+    assert (slides / "m0.svs").exists() and (slides / "glass.svs").exists()  # slides given by path are never removed

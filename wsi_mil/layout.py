@@ -88,6 +88,16 @@ class Layout:
     def lock(self, stage: str, slide_id: str) -> Path:
         return self.root / ".locks" / stage / f"{check_name(slide_id)}.lock"
 
+    # -- wsi-mil serve ----------------------------------------------------------------------------
+    @property
+    def service_queue(self) -> Path:
+        return self.root / "service" / "jobs.sqlite"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Slides uploaded to ``wsi-mil serve``, one folder per upload; removed when its job ends."""
+        return self.root / "service" / "uploads"
+
     # -- tile -------------------------------------------------------------------------------------
     @property
     def patches_dir(self) -> Path:

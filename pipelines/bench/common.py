@@ -9,6 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+# Appended to a child's code: prints its peak RSS as ``PEAK_KB n``. VmHWM is the peak of the process's own
+# memory since its exec; ru_maxrss would start from the parent's RSS at fork (Linux keeps it across fork
+# and exec), so a child of a big bench process would read as big as its parent.
+PEAK_PROBE = ("\nhwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+              "print('PEAK_KB', hwm[0], flush=True)\n")
+
 
 def timed(fn, repeat: int = 3):
     """Median wall seconds of ``repeat`` calls (after one warm-up call), and the last result."""

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import PEAK_PROBE
 from .options import Options
 
 
 def _rss_child(code: str) -> tuple[float, str]:
     """Run ``code`` in a fresh interpreter; its peak RSS in GB and its stdout."""
-    probe = code + "\nimport resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    probe = code + PEAK_PROBE
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     peak = [line for line in out.splitlines() if line.startswith("PEAK_KB")][-1].split()[1]
     return int(peak) / 2**20, out

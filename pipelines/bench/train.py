@@ -10,31 +10,25 @@ from . import wsi_train
 from .options import Options
 
 
-def run(opts: Options) -> None:
-    quick = opts.quick
+def _end_to_end(bags, dim: int, amp: bool) -> None:
+    """(a) fit's epochs vs (b) the pure forward + backward + step on the same tensors, pre-batched, in
+    the same precision and allocator setting, so the ratio is the loop's alone; interleaved rounds."""
     import torch
 
     from wsi_mil.config import load_config
-    from wsi_mil.mil.data import Bag, BagCache, BagDataset, pad_batch
-    from wsi_mil.mil.digits import digits_bags, evaluate
-    from wsi_mil.mil.models import MODELS, build_model
+    from wsi_mil.mil.data import BagCache, BagDataset, pad_batch
+    from wsi_mil.mil.models import build_model
     from wsi_mil.mil.train import autocast, fit
     from wsi_mil.runner.memory import heap_for_steps
 
-    n_bags, n_inst, dim = (12, 200, 256) if quick else (200, 2000, 1024)
-    cfg = load_config(None, ["train.epochs=3", "train.min_epochs=3", "train.balance=none"])
-    print(f"\n== train: {n_bags} bags x {n_inst} instances x {dim} dims, {cfg.model.name}, "
-          f"{cfg.train.batch_size} bag per step, CPU {torch.get_num_threads()} threads")
-    g = torch.Generator().manual_seed(0)
-    bags = [Bag(f"b{i}", torch.randn(n_inst, dim, generator=g), i % 2, f"p{i}") for i in range(n_bags)]
+    cfg = load_config(None, ["train.epochs=3", "train.min_epochs=3", "train.balance=none", f"train.amp={str(amp).lower()}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, dim, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     ds = BagDataset(bags, BagCache(0))
-    batches = [pad_batch([ds[j] for j in range(i, i + cfg.train.batch_size)])
-               for i in range(0, n_bags, cfg.train.batch_size)]
+    batches = [pad_batch([ds[i]]) for i in range(len(bags))]
 
-    def pure() -> float:  # in fit's precision and allocator setting, so the ratio is the loop's alone
+    def pure() -> float:
         model.train()
         t0 = time.perf_counter()
         with heap_for_steps():
@@ -54,10 +48,32 @@ def run(opts: Options) -> None:
         fit_s += [h["seconds"] for h in history[1:]]  # epochs timed by fit itself; the first warms up
         pure_s.append(pure())
     epoch_s, sec = statistics.median(fit_s), statistics.median(pure_s)
-    a, b = n_bags / epoch_s, n_bags / sec
-    print(f"  (a) training end to end : {a:7.1f} bags/s  (median epoch {epoch_s:.2f} s)")
-    print(f"  (b) pure forward+backward: {b:7.1f} bags/s  (same tensors, already batched in memory)")
-    print(f"  a/b = {a / b:.2f}")
+    a, b = len(bags) / epoch_s, len(bags) / sec
+    label = "bf16 autocast" if amp else "fp32"
+    print(f"  {label}: (a) training end to end : {a:7.1f} bags/s  (median epoch {epoch_s:.2f} s)")
+    print(f"  {label}: (b) pure forward+backward: {b:7.1f} bags/s  (same tensors, already batched in memory)")
+    print(f"  {label}: a/b = {a / b:.2f}")
+
+
+def run(opts: Options) -> None:
+    quick = opts.quick
+    import torch
+
+    from wsi_mil.config import load_config
+    from wsi_mil.device import native_bf16
+    from wsi_mil.mil.data import Bag
+    from wsi_mil.mil.digits import digits_bags, evaluate
+    from wsi_mil.mil.models import MODELS
+    from wsi_mil.mil.train import fit
+
+    n_bags, n_inst, dim = (12, 200, 256) if quick else (200, 2000, 1024)
+    cfg = load_config(None, [])
+    print(f"\n== train: {n_bags} bags x {n_inst} instances x {dim} dims, {cfg.model.name}, "
+          f"{cfg.train.batch_size} bag per step, CPU {torch.get_num_threads()} threads, native bf16: {native_bf16()}")
+    g = torch.Generator().manual_seed(0)
+    bags = [Bag(f"b{i}", torch.randn(n_inst, dim, generator=g), i % 2, f"p{i}") for i in range(n_bags)]
+    for amp in ([False, True] if native_bf16() else [False]):
+        _end_to_end(bags, dim, amp)
 
     print(f"  epoch seconds per model ({n_bags} x {n_inst} x {dim}, one bag per step, 2nd epoch):")
     for name in sorted(MODELS):

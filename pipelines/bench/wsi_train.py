@@ -7,7 +7,7 @@ CLAM_DIR``, CLAM's own ``main.py``, unchanged, on the same bags and the same spl
 timed from outside; and each process's peak RSS, with our default bag cache (the cohort in memory) and
 with ``train.cache_gb=0`` (every bag read each step, as CLAM does).
 
-Our side runs in a child process (``python -m pipelines.bench.wsi_train ours ...``) so its peak RSS is its
+Our side runs in a child process (:func:`child`) so its peak RSS is its
 own; CLAM's runs in another, from a working folder laid out as its ``main.py`` expects (dataset_csv/,
 splits/, pt_files/). CLAM is never vendored: the user points at a checkout (and puts smooth-topk on
 PYTHONPATH for its SVM instance loss; without it both sides use cross-entropy, and the line says so).
@@ -22,13 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+from .common import PEAK_PROBE
+
 HEAD = ["model.name=clam_sb", "model.hidden_dim=512", "model.attention_dim=256", "model.dropout=0.25",
         "model.kwargs.k_sample=8", "model.kwargs.bag_weight=0.7", "train.optimizer=adam", "train.lr=2e-4",
         "train.weight_decay=1e-5", "train.balance=none", "train.folds=2", "train.seed=0"]
 
 
 def _run_child(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[dict, float]:
-    """A child's ``RESULT {json}`` line and its peak RSS in GB (its own ``PEAK_KB`` line, ru_maxrss of
+    """A child's ``RESULT {json}`` line and its peak RSS in GB (its own ``PEAK_KB`` line, VmHWM of
     itself); a failure is a RuntimeError with the tail of its stderr."""
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -37,17 +39,17 @@ def _run_child(cmd: list[str], cwd: Path | None = None, env: dict | None = None)
     return _result(proc.stdout), int(peak.split()[1]) / 2**20
 
 
-PEAK = "import resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)"
-
-
 def _result(out: str) -> dict:
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
-def _ours(folder: Path, epochs: int, rounds: int, inst_loss: str, extra: list[str]) -> tuple[dict, float]:
-    cmd = [sys.executable, "-m", "pipelines.bench.wsi_train", "ours", str(folder), str(epochs), str(rounds),
-           inst_loss, *extra]
+def _ours(folder: Path, epochs: int, rounds: int, inst_loss: str, extra: list[str],
+          pure: bool = True) -> tuple[dict, float]:
+    """Our side in a child process; without ``pure`` no pure-step pass (whose tensors, all held at once,
+    would count in the peak RSS of a run that streams its bags)."""
+    cmd = [sys.executable, "-c", "import sys; from pipelines.bench.wsi_train import child; child(sys.argv[1:])",
+           str(folder), str(epochs), str(rounds), inst_loss, str(int(pure)), *extra]
     return _run_child(cmd, cwd=Path(__file__).resolve().parents[2])
 
 
@@ -62,11 +64,11 @@ def run(opts) -> None:
     _synthetic_cohort(folder, n_bags, n_inst, dim)
     clam = Path(opts.clam).resolve() if opts.clam else None
     inst_loss = "svm" if clam is None or _has_topk(clam) else "ce"
-    ours, peak = _ours(folder, epochs, 1 if opts.quick else 2, inst_loss, [])
+    ours, peak = _ours(folder, epochs, 1 if opts.quick else 3, inst_loss, [])
     _print_ours(ours, peak, inst_loss)
     for workers in (0, 1):  # read-ahead by a DataLoader worker: does it pay when every bag is read each step?
         streamed, peak0 = _ours(folder, epochs, 1, inst_loss, ["train.cache_gb=0", "train.amp=false",
-                                                               f"train.num_workers={workers}"])
+                                                               f"train.num_workers={workers}"], pure=False)
         print(f"  train.cache_gb=0 (each bag read from disk every step, as CLAM does), fp32, train.num_workers="
               f"{workers}: epoch {statistics.median(streamed['fp32']['epochs']):.2f} s, peak RSS {peak0:.2f} GB")
     if clam is None:
@@ -119,11 +121,11 @@ def _clam(clam: Path, folder: Path, split: dict, epochs: int, inst_loss: str, ca
     train_loop_clam's seconds per epoch and its peak RSS."""
     work = _clam_workdir(folder, split, cache)
     args = ["--data_root_dir", str(work / "data"), "--task", "task_1_tumor_vs_normal", "--split_dir", "wsi_bench",
-            "--k", "1", "--max_epochs", str(epochs), "--lr", "2e-4", "--reg", "1e-5", "--drop_out", "0.25",
+            "--k", "1", "--max_epochs", str(2 * epochs - 1), "--lr", "2e-4", "--reg", "1e-5", "--drop_out", "0.25",
             "--model_type", "clam_sb", "--model_size", "small", "--inst_loss", inst_loss, "--B", "8",
             "--bag_weight", "0.7", "--exp_code", "bench", "--results_dir", str(work / "results"), "--embed_dim",
             str(_dim(folder))]
-    code = CLAM_TIMER.format(clam=str(clam), main=str(clam / "main.py"), args=args) + PEAK
+    code = CLAM_TIMER.format(clam=str(clam), main=str(clam / "main.py"), args=args) + PEAK_PROBE
     return _run_child([sys.executable, "-c", code], cwd=work)
 
 
@@ -176,7 +178,7 @@ def _has_topk(clam: Path) -> bool:
 # ---- the child processes -------------------------------------------------------------------------------
 
 
-def ours_child(folder: Path, epochs: int, rounds: int, inst_loss: str, extra: list[str]) -> dict:
+def ours_child(folder: Path, epochs: int, rounds: int, inst_loss: str, pure: bool, extra: list[str]) -> dict:
     """Fold 0 fitted as ``wsi-mil train`` fits it (:func:`wsi_mil.mil.folds.fit_fold`), then a pure epoch
     of the same module over the same cached tensors, interleaved ``rounds`` times, in fp32 and (where it
     differs) under ``train.amp``."""
@@ -201,7 +203,8 @@ def ours_child(folder: Path, epochs: int, rounds: int, inst_loss: str, extra: li
             row["first"] = seconds[0] if row["first"] is None else row["first"]
             row["epochs"] += seconds[1:]
             bags = [data.bags[i] for i in split[0]]
-            row["pure"].append(_pure_epoch(cfg, bags, worker_cache("wsi-bench", cfg), data.feature_dim))
+            if pure:
+                row["pure"].append(_pure_epoch(cfg, bags, worker_cache("wsi-bench", cfg), data.feature_dim))
             result["split"] = {k: [data.bags[i].slide_id for i in idx] for k, idx in zip(("train", "val", "test"), split)}
     return result
 
@@ -237,7 +240,8 @@ def _pure_epoch(cfg, bags, cache, dim: int) -> float:
         return one_pass()
 
 
-if __name__ == "__main__" and sys.argv[1] == "ours":
-    _, _, folder_arg, epochs_arg, rounds_arg, loss_arg, *rest = sys.argv
-    print("RESULT " + json.dumps(ours_child(Path(folder_arg), int(epochs_arg), int(rounds_arg), loss_arg, rest)))
-    exec(PEAK)
+def child(argv: list[str]) -> None:
+    """The child process's entry: FOLDER EPOCHS ROUNDS INSTANCE_LOSS PURE(0/1) [KEY=VALUE ...]."""
+    folder, epochs, rounds, inst_loss, pure, *extra = argv
+    print("RESULT " + json.dumps(ours_child(Path(folder), int(epochs), int(rounds), inst_loss, pure == "1", extra)))
+    exec(PEAK_PROBE)

@@ -29,7 +29,7 @@ def serve(layout: Layout, cfg: Config, model: Path | None, host: str = "127.0.0.
     ref = resolve_model(layout, Path(model) if model else cfg.train.run_name)
     sock = bind_socket(host, port)  # before anything is printed: a busy port is one line
     token = os.environ.get("WSI_MIL_TOKEN") or (None if host in LOOPBACK else _new_token())
-    db = layout.root / "service" / "jobs.sqlite"
+    db = layout.service_queue
     store = JobStore(db, max_queue)
     requeued = store.recover()
     worker = multiprocessing.get_context("spawn").Process(target=work, args=(db, layout.root, cfg, ref),

@@ -35,7 +35,7 @@ from ..errors import SlideError, one_line
 from ..layout import Layout, is_data_name
 from ..slide.dicomweb import from_csv_row
 from ..viewer.app import HostGate
-from .jobs import JobStore, QueueFull
+from .jobs import JobStore, QueueFull, remove_uploads
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -110,7 +110,7 @@ def create_service(store: JobStore, run: str, alive, layout: Layout, roots: list
     app = FastAPI(title="wsi-mil serve", summary="MIL predictions for whole-slide images", version="1")
     roots = [Path(r).resolve() for r in roots]
     dicomweb = {u.strip().rstrip("/") for u in dicomweb_roots}
-    uploads = layout.root / "service" / "uploads"
+    uploads = layout.uploads_dir
 
     @app.middleware("http")
     async def authorise(request: Request, call_next):
@@ -158,6 +158,13 @@ def create_service(store: JobStore, run: str, alive, layout: Layout, roots: list
 
     async def saved_uploads(request: Request) -> list[tuple[str, str]]:
         folder = uploads / uuid.uuid4().hex
+        try:
+            return await save_form(request, folder)
+        except BaseException:  # a refused or broken upload leaves nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    async def save_form(request: Request, folder: Path) -> list[tuple[str, str]]:
         out = []
         async with request.form(max_files=1000, max_fields=10) as form:
             files = [f for f in form.getlist("slides") if hasattr(f, "filename")]
@@ -189,6 +196,7 @@ def create_service(store: JobStore, run: str, alive, layout: Layout, roots: list
         try:
             job = store.submit(slides)
         except QueueFull as exc:
+            remove_uploads([path for _, path in slides], uploads)
             raise HTTPException(429, str(exc)) from None
         return {"id": job}
 
@@ -204,7 +212,10 @@ def create_service(store: JobStore, run: str, alive, layout: Layout, roots: list
     def cancel(job_id: str) -> dict:
         if not JOB_ID.match(job_id) or not store.cancel(job_id):
             raise HTTPException(404, "no such job")
-        return {"id": job_id, "status": store.get(job_id)["status"]}
+        status = store.get(job_id)["status"]
+        if status == "cancelled":  # cancelled while queued: no worker will reach it (a running job's worker cleans)
+            remove_uploads(store.paths(job_id), uploads)
+        return {"id": job_id, "status": status}
 
     @app.get("/v1/jobs/{job_id}/slides/{slide_id}/heatmap")
     def slide_heatmap(job_id: str, slide_id: str):

@@ -8,6 +8,7 @@ queue, and the stages' atomic outputs make the rerun redo only what was not fini
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -126,6 +127,11 @@ class JobStore:
             return True
         return self._tx(ask)
 
+    def paths(self, job: str) -> list[str]:
+        """The slide paths (or DICOMweb references) a job was given."""
+        with self._lock:
+            return [p for (p,) in self._db.execute("SELECT path FROM slides WHERE job_id=? ORDER BY pos", (job,))]
+
     def get(self, job: str) -> dict | None:
         with self._lock:
             row = self._db.execute("SELECT id, status, created, updated FROM jobs WHERE id=?", (job,)).fetchone()
@@ -146,3 +152,18 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def remove_uploads(paths: list[str], root: Path) -> None:
+    """Remove the upload folders (the direct children of ``root``) that hold any of ``paths``, once their
+    job has ended: slides given by path under a ``--slides-root``, and DICOMweb references, are never
+    touched."""
+    root = Path(root).resolve()
+    for raw in paths:
+        try:
+            folder = Path(raw).resolve().parent
+        except (OSError, ValueError):
+            continue
+        if folder.parent == root:
+            shutil.rmtree(folder, ignore_errors=True)
+

@@ -24,7 +24,7 @@ from ..stages import extract, heatmap, tile
 from ..stages.base import run_stage
 from ..stages.predict import predict_file
 from ..userfiles import read_csv_rows
-from .jobs import JobStore
+from .jobs import JobStore, remove_uploads
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Worker(threading.Thread):
             item = self.store.next_slide(job)
             if item is None:
                 self.store.finish_job(job)
+                remove_uploads(self.store.paths(job), self.layout.uploads_dir)  # its results are in the layout
                 return
             pos, slide_id, path = item
             try:
