@@ -48,9 +48,12 @@ def _bags_and_target(name: str):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_head_trains_a_step_under_cpu_bf16_autocast(name, monkeypatch):
     """The head runs under autocast, its loss in fp32 (WithLoss, as fit runs it): every registered head
-    must take bf16 activations into its loss (CLAM's instance classifiers once did not)."""
+    must take bf16 activations into its loss (CLAM's instance classifiers once did not). And no head may
+    write into its input: a bag per step is now a view of the cached bag, so that would corrupt the
+    cache for every later epoch."""
     monkeypatch.setattr(train_mod, "native_bf16", lambda: True)
     model, x, mask, cells, y = _bags_and_target(name)
+    before = (x.clone(), cells.clone())
     model.train()
     seen = []
     model.register_forward_hook(lambda _m, _i, out: seen.append(out.logits.dtype))
@@ -59,6 +62,7 @@ def test_every_head_trains_a_step_under_cpu_bf16_autocast(name, monkeypatch):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert torch.equal(x, before[0]) and torch.equal(cells, before[1])
 
 
 def test_train_amp_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):

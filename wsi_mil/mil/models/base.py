@@ -5,6 +5,8 @@
 - ``coords``: the patches' grid cells (col, row) from the patch grid, carried by the bag cache; heads
   that use positions (``uses_positions`` in the registry) build their neighbourhood from them
   (:mod:`.graph`), the others ignore them. ``None`` means no positions: no instance has neighbours.
+- ``features`` and ``coords`` are read-only: with one bag per step they are views of the cached bag,
+  so a head that wrote into them would change the bag for every later epoch (tested for every head).
 
 - ``logits``: [B, C] bag logits;
 - ``instance_scores``: [B, N], or [B, C, N] for heads with per-class attention (``per_class = True``);
