@@ -16,6 +16,28 @@ PEAK_PROBE = ("\nhwm = [l.split()[1] for l in open('/proc/self/status') if l.sta
               "print('PEAK_KB', hwm[0], flush=True)\n")
 
 
+def pure_pass(model, opt, batches, amp: bool) -> float:
+    """Seconds of one pass of forward + loss + backward + optimiser step over ``batches`` of
+    (x, mask, y, coords) already in memory, in fit's precision (``amp``) and allocator setting: the
+    baseline a training loop is measured against."""
+    import torch
+
+    from wsi_mil.mil.train import autocast
+    from wsi_mil.runner.memory import heap_for_steps
+
+    model.train()
+    t0 = time.perf_counter()
+    with heap_for_steps():
+        for x, mask, y, coords in batches:
+            with autocast(torch.device("cpu"), amp):
+                out = model(x, mask, coords)
+            loss = model.compute_loss(out, y)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
 def timed(fn, repeat: int = 3):
     """Median wall seconds of ``repeat`` calls (after one warm-up call), and the last result."""
     result = fn()

@@ -7,6 +7,7 @@ import statistics
 import time
 
 from . import wsi_train
+from .common import pure_pass
 from .options import Options
 
 
@@ -18,8 +19,7 @@ def _end_to_end(bags, dim: int, amp: bool) -> None:
     from wsi_mil.config import load_config
     from wsi_mil.mil.data import BagCache, BagDataset, pad_batch
     from wsi_mil.mil.models import build_model
-    from wsi_mil.mil.train import autocast, fit
-    from wsi_mil.runner.memory import heap_for_steps
+    from wsi_mil.mil.train import fit
 
     cfg = load_config(None, ["train.epochs=3", "train.min_epochs=3", "train.balance=none", f"train.amp={str(amp).lower()}"])
     torch.manual_seed(0)
@@ -28,25 +28,12 @@ def _end_to_end(bags, dim: int, amp: bool) -> None:
     ds = BagDataset(bags, BagCache(0))
     batches = [pad_batch([ds[i]]) for i in range(len(bags))]
 
-    def pure() -> float:
-        model.train()
-        t0 = time.perf_counter()
-        with heap_for_steps():
-            for x, mask, y, coords in batches:
-                with autocast(torch.device("cpu"), cfg.train.amp):
-                    out = model(x, mask, coords)
-                loss = model.compute_loss(out, y)["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        return time.perf_counter() - t0
-
-    pure()  # warm-up
+    pure_pass(model, opt, batches, amp)  # warm-up
     fit_s, pure_s = [], []
     for _ in range(2):  # interleaved rounds, so drift on a shared machine hits both sides alike
         history = fit(bags, [], dim, 2, cfg.model, cfg.train, seed=0).history
         fit_s += [h["seconds"] for h in history[1:]]  # epochs timed by fit itself; the first warms up
-        pure_s.append(pure())
+        pure_s.append(pure_pass(model, opt, batches, amp))
     epoch_s, sec = statistics.median(fit_s), statistics.median(pure_s)
     a, b = len(bags) / epoch_s, len(bags) / sec
     label = "bf16 autocast" if amp else "fp32"

@@ -19,10 +19,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from .common import PEAK_PROBE
+from .common import PEAK_PROBE, pure_pass
 
 HEAD = ["model.name=clam_sb", "model.hidden_dim=512", "model.attention_dim=256", "model.dropout=0.25",
         "model.kwargs.k_sample=8", "model.kwargs.bag_weight=0.7", "train.optimizer=adam", "train.lr=2e-4",
@@ -210,34 +209,19 @@ def ours_child(folder: Path, epochs: int, rounds: int, inst_loss: str, pure: boo
 
 
 def _pure_epoch(cfg, bags, cache, dim: int) -> float:
-    """One pass of forward + loss + backward + Adam step of a fresh module of the same head over the same
-    tensors, already in memory (a warm-up pass first), in the same precision and allocator setting."""
+    """The pure pass (:func:`.common.pure_pass`) of a fresh module of the same head over the same cached
+    tensors, after a warm-up pass."""
     import torch
 
+    from wsi_mil.mil.data import pad_batch
     from wsi_mil.mil.models import build_model
-    from wsi_mil.mil.train import autocast
-    from wsi_mil.runner.memory import heap_for_steps
 
     torch.manual_seed(0)
-    model = build_model(cfg.model, dim, 2).train()
+    model = build_model(cfg.model, dim, 2)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    xs = [(cache.get(b).float().unsqueeze(0), torch.tensor([b.label])) for b in bags]
-    cpu = torch.device("cpu")
-
-    def one_pass() -> float:
-        t0 = time.perf_counter()
-        for x, y in xs:
-            with autocast(cpu, cfg.train.amp):
-                out = model(x, torch.ones(x.shape[:2], dtype=torch.bool), None)
-            loss = model.compute_loss(out, y)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - t0
-
-    with heap_for_steps():
-        one_pass()
-        return one_pass()
+    batches = [pad_batch([(cache.get(b), b.label)]) for b in bags]
+    pure_pass(model, opt, batches, cfg.train.amp)
+    return pure_pass(model, opt, batches, cfg.train.amp)
 
 
 def child(argv: list[str]) -> None:
