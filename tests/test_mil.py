@@ -372,7 +372,8 @@ def test_several_models_train_on_identical_splits_and_compare_writes_the_table(f
     assert "pooled AUROC [95% CI]" in md
 
 
-def test_streaming_bags_through_a_small_cache_trains_the_same_model_in_bounded_memory(feature_cohort):
+def test_streaming_bags_through_a_small_cache_trains_the_same_model_in_bounded_memory(feature_cohort, monkeypatch):
+    import wsi_mil.mil.data as bag_data
     from wsi_mil.mil.data import BagCache
 
     feats, labels = feature_cohort
@@ -383,8 +384,14 @@ def test_streaming_bags_through_a_small_cache_trains_the_same_model_in_bounded_m
     bag_bytes = [b.n_instances * 12 * 4 for b in data.bags]
     small = BagCache(max(bag_bytes) * 3)  # three bags of twenty
     roomy = BagCache(1e9)
-    fits = [fit(data.bags[:16], data.bags[16:], 12, 2, cfg.model, cfg.train, seed=3, cache=c) for c in (small, roomy)]
+    held, mapped = [], bag_data.mapped_empty  # what the small cache holds as each new bag is mapped, with it
+    monkeypatch.setattr(bag_data, "mapped_empty", lambda shape, dt: held.append(
+        small.bytes + int(np.prod(shape)) * np.dtype(dt).itemsize) or mapped(shape, dt))
+    fits = [fit(data.bags[:16], data.bags[16:], 12, 2, cfg.model, cfg.train, seed=3, cache=small)]
+    monkeypatch.undo()
+    fits.append(fit(data.bags[:16], data.bags[16:], 12, 2, cfg.model, cfg.train, seed=3, cache=roomy))
     assert small.bytes <= small.max_bytes and small.reads > 2 * len(data.bags)  # evicted and re-read
+    assert len(held) == small.reads and max(held) <= small.max_bytes  # room made before a bag is read
     assert roomy.reads == len(data.bags)  # every bag read once, then served from memory
     test = data.bags[16:]
     np.testing.assert_array_equal(predict_bags(fits[0].model, test)[0], predict_bags(fits[1].model, test)[0])

@@ -154,15 +154,21 @@ def load_features(path: Path, dtype: torch.dtype | None = None, alloc=None) -> t
     return torch.from_numpy(read_bag(path, dtype=NUMPY_DTYPES[dtype] if dtype is not None else None, alloc=alloc))
 
 
-def load_mapped(paths: list[Path], dtype: torch.dtype) -> torch.Tensor:
+def load_mapped(paths: list[Path], dtype: torch.dtype, reserve=None) -> torch.Tensor:
     """The (N, D) features of one or more files (a patient's slides, in order) as one tensor in memory
     mapped for it alone (:func:`~wsi_mil.runner.memory.mapped_empty`): each file is read straight into
-    its rows, with no concatenating copy, and evicting the bag gives the memory back to the system."""
+    its rows, with no concatenating copy, and evicting the bag gives the memory back to the system.
+    ``reserve(nbytes)``, when given, is called with the bag's size before its memory is mapped."""
+    def mapped(shape, np_dtype):
+        if reserve is not None:
+            reserve(int(np.prod(shape)) * np.dtype(np_dtype).itemsize)
+        return mapped_empty(shape, np_dtype)
+
     if len(paths) == 1:
-        return load_features(paths[0], dtype, alloc=mapped_empty)
+        return load_features(paths[0], dtype, alloc=mapped)
     sizes = [bag_size(p) for p in paths]
     dim = read_feature_spec(paths[0]).feature_dim
-    whole = mapped_empty((sum(sizes), dim), NUMPY_DTYPES[dtype])
+    whole = mapped((sum(sizes), dim), NUMPY_DTYPES[dtype])
     start = 0
     for path, n in zip(paths, sizes):
         rows = whole[start:start + n]
@@ -213,16 +219,24 @@ class BagCache:
         if hit is not None:
             self._items.move_to_end(key)
             return hit
-        t = load_mapped(list(bag.paths or (bag.path,)), self.dtype)
+        t = load_mapped(list(bag.paths or (bag.path,)), self.dtype, reserve=self._make_room)
         self.reads += 1
         size = t.numel() * t.element_size()
         if size <= self.max_bytes:
+            self._make_room(size)
             self._items[key] = t
             self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
         return t
+
+    def _make_room(self, size: int) -> None:
+        """Evict least recently used bags until ``size`` more bytes fit, before a new bag is read, so the
+        cache and the bag being read never hold more than ``max_bytes`` together (a bag too big to cache
+        evicts nothing)."""
+        if size > self.max_bytes:
+            return
+        while self._items and self.bytes + size > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
 
 
 def bag_cells(path: Path) -> torch.Tensor | None:
