@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import cv2
 import h5py
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from wsi_mil.cli import main
 from wsi_mil.config import EncoderConfig, load_config
+from wsi_mil.device import native_bf16
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features.encoders import PRESETS, build_encoder
 from wsi_mil.formats import PatchSpec
@@ -56,7 +58,7 @@ def _read_alone(path, attrs, coord, size):
 def test_each_row_is_the_models_output_on_that_patch_read_alone(tiled):
     root, path = tiled
     out = root / "out"
-    cfg = load_config(None, SMALL + ["extract.read_group=8"])
+    cfg = load_config(None, SMALL + ["extract.read_group=8", "extract.precision=fp32"])
     extract_slide(SlideRef("ex1", path), cfg, Layout(out))
     with h5py.File(Layout(out).features(encoder_id(cfg.encoder.name), "ex1")) as fh:
         feats, coords = fh["features"][:], fh["coords"][:]
@@ -106,7 +108,8 @@ def test_output_layout_and_attrs_readable_like_clam_trident_torchmil(tiled):
         assert fh["features"].chunks[0] > 1  # not one row per chunk
         a = fh["features"].attrs
         assert a["encoder"] == "resnet18" and a["feature_dim"] == 512 and a["weights_source"] == "random_init"
-        assert a["precision"] == "fp32" and a["target_mpp"] == 0.5 and a["patch_size"] == 256
+        assert a["precision"] == ("bf16" if native_bf16() else "fp32")  # auto on the CPU: a timm model runs bf16
+        assert a["target_mpp"] == 0.5 and a["patch_size"] == 256
         # TRIDENT: the patch geometry sits on coords
         c = fh["coords"].attrs
         assert c["patch_size_level0"] == 256 and c["name"] == "ex1" and "level0_width" in c
@@ -126,7 +129,8 @@ def test_local_weights_round_trip_and_key_mismatch(tiled, tmp_path):
     coords, attrs = read_coords(root / "out" / "patches" / "ex1.h5")
     outs = []
     for wfile in (st, pth):
-        cfg = load_config(None, [f"encoder.weights={wfile}", "encoder.name=resnet18", "extract.num_workers=0"])
+        cfg = load_config(None, [f"encoder.weights={wfile}", "encoder.name=resnet18", "extract.num_workers=0",
+                                      "extract.precision=fp32"])
         o = tmp_path / wfile.suffix[1:]
         (o / "patches").mkdir(parents=True)
         (o / "patches" / "ex1.h5").write_bytes((root / "out" / "patches" / "ex1.h5").read_bytes())
@@ -203,6 +207,29 @@ def test_an_undecodable_tile_becomes_a_counted_blank_patch(tmp_path):
         assert fh["features"].attrs["n_failed_patches"] == 1
         assert list(fh["features"].attrs["failed_patch_indices"]) == [len(coords) // 2]
         assert np.isfinite(fh["features"][:]).all()
+
+
+def test_auto_precision_on_the_cpu_is_bf16_only_for_bf16_encoders_where_the_cpu_has_it(monkeypatch):
+    import wsi_mil.device as device_mod
+    from wsi_mil.features.engine import Prepared, pick_precision
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(device_mod, "native_bf16", lambda native=native: native)
+        picked = {p: pick_precision("auto", cpu, SimpleNamespace(gpu_precision=p)) for p in ("bf16", "fp16", "fp32")}
+        assert picked["bf16"] == ("bf16" if native else "fp32") and picked["fp16"] == picked["fp32"] == "fp32"
+    assert pick_precision("fp16", cpu, SimpleNamespace(gpu_precision="fp32")) == "fp16"  # asked for: as asked
+    # bf16 on the CPU gives the fp32 features to within bf16's rounding (a random resnet18, 4 random patches)
+    cfg = load_config(None, SMALL)
+    encoder = build_encoder(cfg.encoder)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8))
+    feats = {}
+    for prec in ("fp32", "bf16"):
+        prep = Prepared.create(encoder, cfg.extract.model_copy(update={"precision": prec, "device": "cpu"}))
+        with torch.inference_mode():
+            feats[prec] = prep.forward_uint8(images).double()
+    cos = torch.nn.functional.cosine_similarity(feats["bf16"], feats["fp32"], dim=1)
+    assert not torch.equal(feats["bf16"], feats["fp32"]) and cos.min().item() >= 0.99
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import EncoderConfig, ExtractConfig
-from ..device import pick_device
+from ..device import cpu_precision, pick_device
 from ..runner.cache import per_process
 from .dataset import PatchDataset, collate_batch
 from .encoders import Encoder, build_encoder
@@ -23,9 +23,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_precision(name: str, device: torch.device, encoder: Encoder) -> str:
+    """``auto``: on CUDA the precision the encoder's authors run it in (its preset's); on the CPU, bf16
+    where the authors run bf16 and the CPU computes it natively (:func:`~wsi_mil.device.cpu_precision`),
+    else fp32 (an fp16 preset is not run in bf16's shorter mantissa); fp32 on other devices."""
     if name != "auto":
         return name
-    return encoder.gpu_precision if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        return encoder.gpu_precision
+    if device.type == "cpu" and encoder.gpu_precision == "bf16":
+        return cpu_precision("auto")
+    return "fp32"
 
 
 def auto_batch_size(device: torch.device) -> int:
