@@ -36,10 +36,20 @@ def _cluster():
 
 
 def run(opts: Options) -> None:
+    """Two bag sizes: WSI-like bags (one fit keeps both cores busy through torch's threads) and
+    classical-MIL-sized ones (a fit is mostly Python and dispatch, one core each)."""
+    if opts.quick:
+        _compare(opts, (10, 50, 64, 2), "abmil", 2)
+        return
+    models = "abmil,abmil_gated,meanpool"
+    _compare(opts, (40, 200, 256, 20), models, 5)
+    _compare(opts, (60, 30, 166, 40), models, 5)
+
+
+def _compare(opts: Options, shape: tuple[int, int, int, int], models: str, folds: int) -> None:
     import shutil
 
-    n_bags, n_inst, dim, epochs = (10, 50, 64, 2) if opts.quick else (40, 200, 256, 20)
-    models, folds = ("abmil", 2) if opts.quick else ("abmil,abmil_gated,meanpool", 5)
+    n_bags, n_inst, dim, epochs = shape
     n_models = len(models.split(","))
     folder = opts.cache / f"fits_{n_bags}x{n_inst}x{dim}"
     labels = _synthetic_cohort(folder, n_bags, n_inst, dim)
