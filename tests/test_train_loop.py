@@ -119,3 +119,30 @@ def test_steps_keep_their_heap_while_an_evicted_bag_gives_its_memory_back():
     assert kept - base > 150, out  # 200 MB freed inside heap_for_steps stays ours for the next step
     assert held - kept > 150 and held - evicted > 150, out  # the mapped bag counted, then returned
     assert kept - after > 150, out  # and the kept heap is trimmed on the way out
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_fit_steps_with_the_fused_optimizer_and_its_update_is_the_per_tensor_loops(optimizer):
+    """make_optimizer runs PyTorch's fused Adam(W) on the CPU; fed the same gradients for a few steps,
+    it moves a head's weights where the per-tensor loop (torch's CPU default) moves them, weight decay
+    and bias correction included. (The same gradients: recomputed from two models, a parameter whose
+    gradient is zero up to rounding, like the bias before a softmax, turns one ulp into lr-sized steps.)"""
+    cfg = load_config(None, [f"train.optimizer={optimizer}", "train.lr=0.01", "train.weight_decay=0.05",
+                             "model.name=abmil_gated"])
+    torch.manual_seed(0)
+    fused_model, loop_model = build_model(cfg.model, 12, 2), build_model(cfg.model, 12, 2)
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = train_mod.make_optimizer(fused_model, cfg.train)
+    assert all(g["fused"] for g in fused.param_groups)
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    loop = cls(loop_model.parameters(), lr=0.01, weight_decay=0.05, betas=(0.9, 0.999), foreach=False)
+    start = [p.detach().clone() for p in fused_model.parameters()]
+    for _ in range(5):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b, s0 in zip(fused_model.parameters(), loop_model.parameters(), start):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert float((a.detach() - s0).abs().mean()) > 1e-3  # every tensor moved, so the comparison has teeth

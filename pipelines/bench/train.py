@@ -3,6 +3,7 @@ row (:mod:`.wsi_train`: 20,000-instance bags, vs the pure step and CLAM's own lo
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -19,12 +20,12 @@ def _end_to_end(bags, dim: int, amp: bool) -> None:
     from wsi_mil.config import load_config
     from wsi_mil.mil.data import BagCache, BagDataset, pad_batch
     from wsi_mil.mil.models import build_model
-    from wsi_mil.mil.train import fit
+    from wsi_mil.mil.train import fit, make_optimizer
 
     cfg = load_config(None, ["train.epochs=3", "train.min_epochs=3", "train.balance=none", f"train.amp={str(amp).lower()}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, dim, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    opt = make_optimizer(model, cfg.train)  # fit's optimizer
     ds = BagDataset(bags, BagCache(0))
     batches = [pad_batch([ds[i]]) for i in range(len(bags))]
 
@@ -40,6 +41,49 @@ def _end_to_end(bags, dim: int, amp: bool) -> None:
     print(f"  {label}: (a) training end to end : {a:7.1f} bags/s  (median epoch {epoch_s:.2f} s)")
     print(f"  {label}: (b) pure forward+backward: {b:7.1f} bags/s  (same tensors, already batched in memory)")
     print(f"  {label}: a/b = {a / b:.2f}")
+
+
+def _optimizer_row(quick: bool) -> None:
+    """fit with its fused Adam(W) vs the same fit with torch's per-tensor loop (the CPU default) on
+    classical-MIL-sized bags, where the optimizer's per-tensor calls weigh most; interleaved rounds. The
+    weights part by ~1e-3 over a few hundred steps (predicted probabilities by ~1e-4): the kernels round
+    an ulp apart (fed the same gradients they agree to 1e-6, tests/test_train_loop.py), and Adam's
+    normalisation grows such differences on weights whose gradients are near zero."""
+    from unittest import mock
+
+    import torch
+
+    from wsi_mil.config import load_config
+    from wsi_mil.mil.data import Bag
+    from wsi_mil.mil.train import fit
+
+    def loop_optimizer(model, tcfg):
+        cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+        return cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas),
+                   foreach=False)
+
+    n_bags, n_inst, dim, epochs = (12, 30, 166, 2) if quick else (60, 30, 166, 6)
+    g = torch.Generator().manual_seed(0)
+    bags = [Bag(f"b{i}", torch.randn(n_inst, dim, generator=g), i % 2, f"p{i}") for i in range(n_bags)]
+    cfg = load_config(None, [f"train.epochs={epochs}", f"train.min_epochs={epochs}", "train.balance=none"])
+    times: dict = {"fused": [], "loop": []}
+    weights = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the classical-MIL bench runs: on bags this small threads only add waiting
+    for _ in range(1 if quick else 3):
+        for side in ("fused", "loop"):
+            patch = mock.patch("wsi_mil.mil.train.make_optimizer", loop_optimizer) if side == "loop" \
+                else contextlib.nullcontext()
+            with patch:
+                res = fit(bags, [], dim, 2, cfg.model, cfg.train, seed=0)
+            times[side] += [h["seconds"] for h in res.history[1:]]
+            weights[side] = [p.detach() for p in res.model.parameters()]
+    torch.set_num_threads(threads)
+    fused, loop = statistics.median(times["fused"]), statistics.median(times["loop"])
+    diff = max(float((a - b).abs().max()) for a, b in zip(weights["fused"], weights["loop"]))
+    print(f"  optimizer ({n_bags} bags x {n_inst} x {dim}, {cfg.model.name}, {cfg.train.optimizer}, 1 thread): fused "
+          f"{fused:.3f} s/epoch vs per-tensor loop {loop:.3f} s: loop/fused {loop / fused:.2f}; largest weight "
+          f"difference after {epochs} epochs {diff:.1e}")
 
 
 def run(opts: Options) -> None:
@@ -61,6 +105,7 @@ def run(opts: Options) -> None:
     bags = [Bag(f"b{i}", torch.randn(n_inst, dim, generator=g), i % 2, f"p{i}") for i in range(n_bags)]
     for amp in ([False, True] if native_bf16() else [False]):
         _end_to_end(bags, dim, amp)
+    _optimizer_row(quick)
 
     print(f"  epoch seconds per model ({n_bags} x {n_inst} x {dim}, one bag per step, 2nd epoch):")
     for name in sorted(MODELS):

@@ -215,10 +215,11 @@ def _pure_epoch(cfg, bags, cache, dim: int) -> float:
 
     from wsi_mil.mil.data import pad_batch
     from wsi_mil.mil.models import build_model
+    from wsi_mil.mil.train import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(cfg.model, dim, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(model, cfg.train)  # fit's optimizer
     batches = [pad_batch([(cache.get(b), b.label)]) for b in bags]
     pure_pass(model, opt, batches, cfg.train.amp)
     return pure_pass(model, opt, batches, cfg.train.amp)

@@ -151,6 +151,22 @@ def _epoch(net: nn.Module, loader, opt, accumulate: int, weight, bag_loss, devic
     return total, seen
 
 
+def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW (``train.optimizer``) with the recipe's lr, weight decay and betas, run by PyTorch's
+    fused kernel (one call over every parameter, on CPU and CUDA) where the parameters allow it, else by
+    its per-tensor loop (the CPU default). The update is the same; on classical-MIL bags, where a step
+    is a few small matrices, the per-tensor loop was a third of the step (docs/benchmarks.md)."""
+    cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
+    params = list(model.parameters())
+    kwargs = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay, "betas": tuple(tcfg.betas)}
+    if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a torch without the fused kernel for this device or dtype
+            pass
+    return cls(params, **kwargs)
+
+
 def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: ModelConfig, tcfg: TrainConfig,
         seed: int, device="cpu", progress: bool = False, cache: BagCache | None = None, task=None) -> FitResult:
     """Fit one head. ``task`` (:mod:`wsi_mil.mil.tasks`) other than classification gives the output width
@@ -159,8 +175,7 @@ def fit(train: list[Bag], val: list[Bag], in_dim: int, n_classes: int, mcfg: Mod
     gen = seed_everything(seed)
     by_class = task is None or task.uses_class_weight
     model = build_model(mcfg, in_dim, n_classes if by_class else task.out_dim()).to(device)
-    opt_cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas))
+    opt = make_optimizer(model, tcfg)
     labels = np.array([b.label for b in train])
     balance = tcfg.balance if by_class else "none"
     weight = class_weights(labels, n_classes).to(device) if balance == "weighted_loss" else None
