@@ -4,6 +4,7 @@ row (:mod:`.wsi_train`: 20,000-instance bags, vs the pure step and CLAM's own lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 
@@ -55,12 +56,9 @@ def _optimizer_row(quick: bool) -> None:
 
     from wsi_mil.config import load_config
     from wsi_mil.mil.data import Bag
-    from wsi_mil.mil.train import fit
+    from wsi_mil.mil.train import fit, make_optimizer
 
-    def loop_optimizer(model, tcfg):
-        cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
-        return cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tuple(tcfg.betas),
-                   foreach=False)
+    loop_optimizer = functools.partial(make_optimizer, fused=False)
 
     n_bags, n_inst, dim, epochs = (12, 30, 166, 2) if quick else (60, 30, 166, 6)
     g = torch.Generator().manual_seed(0)

@@ -151,15 +151,16 @@ def _epoch(net: nn.Module, loader, opt, accumulate: int, weight, bag_loss, devic
     return total, seen
 
 
-def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, tcfg: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
     """Adam or AdamW (``train.optimizer``) with the recipe's lr, weight decay and betas, run by PyTorch's
     fused kernel (one call over every parameter, on CPU and CUDA) where the parameters allow it, else by
     its per-tensor loop (the CPU default). The update is the same; on classical-MIL bags, where a step
-    is a few small matrices, the per-tensor loop was a third of the step (docs/benchmarks.md)."""
+    is a few small matrices, the per-tensor loop was a third of the step (docs/benchmarks.md).
+    ``fused=False`` asks for the per-tensor loop (the benchmark's baseline)."""
     cls = torch.optim.AdamW if tcfg.optimizer == "adamw" else torch.optim.Adam
     params = list(model.parameters())
     kwargs = {"lr": tcfg.lr, "weight_decay": tcfg.weight_decay, "betas": tuple(tcfg.betas)}
-    if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+    if fused and params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
         try:
             return cls(params, fused=True, **kwargs)
         except (RuntimeError, ValueError):  # a torch without the fused kernel for this device or dtype
