@@ -3,6 +3,8 @@ keeps them equal). The feature width is measured by a forward pass on the meta d
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from ...config import EncoderConfig
@@ -13,7 +15,8 @@ from .registry import PRESETS
 COLUMNS = ("name", "dim", "native tile", "transform", "pooling", "weight formats", "licence", "hub id (gated)")
 
 
-def preset_rows() -> list[tuple[str, ...]]:
+@lru_cache(maxsize=1)  # one build per process: the CLI, the README check and the docs share it
+def preset_rows() -> tuple[tuple[str, ...], ...]:
     rows = []
     for name in sorted(PRESETS):
         p = PRESETS[name]
@@ -25,7 +28,7 @@ def preset_rows() -> list[tuple[str, ...]]:
                      p.pooling,
                      ", ".join(p.formats), p.licence or "-",
                      (p.hub or (p.hub_file[0] if p.hub_file else "-")).removeprefix("hf-hub:")))
-    return rows
+    return tuple(rows)
 
 
 def extra_rows() -> list[tuple[str, ...]]:
