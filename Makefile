@@ -61,8 +61,10 @@ lint: venv  ## ruff, and the layering contracts in pyproject.toml (import-linter
 	$(VENV)/bin/ruff check wsi_mil pipelines tests
 	$(VENV)/bin/lint-imports
 
+# pytest-xdist workers: auto is one per core (tests/conftest.py gives each one torch thread); 0 runs in-process
+TEST_WORKERS ?= auto
 test: lint browser dicom-tools  ## lint, then the whole test suite (browser tests in Debian's Chromium)
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 TASK ?= classification
 demo: venv  ## whole pipeline on generated synthetic slides (demo_out/; TASK=survival: demo_out_survival/)
