@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one xdist worker per core: one torch thread each,
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # in this process and the CLIs it starts, so none oversubscribes
+    os.environ["OMP_NUM_THREADS"] = "1"  # in this process and the CLIs it starts, so none oversubscribes
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ SMALL_ENCODER = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.n
 if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(1)
 
 needs_real = pytest.mark.skipif(not CMU.is_file(), reason="../shared/slides is not present")
 
