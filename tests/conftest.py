@@ -5,6 +5,9 @@ from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one xdist worker per core: one torch thread each,
     os.environ["OMP_NUM_THREADS"] = "1"  # in this process and the CLIs it starts, so none oversubscribes
+    import torch
+
+    torch.set_num_threads(1)
 
 import numpy as np
 import pytest
@@ -18,11 +21,6 @@ BROKEN = REAL / "broken.svs"
 
 SMALL_ENCODER = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0",
                  "extract.batch_size=16"]
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch
-
-    torch.set_num_threads(1)
-
 needs_real = pytest.mark.skipif(not CMU.is_file(), reason="../shared/slides is not present")
 
 
