@@ -17,6 +17,7 @@ import pytest
 
 from wsi_mil.atomic import HOST, TMP_TAG
 from wsi_mil.cli import main
+from wsi_mil.formats import read_feature_coords, read_feature_spec, read_patch_file
 from wsi_mil.h5io import write_h5
 from wsi_mil.heatmap import export
 from wsi_mil.layout import Layout
@@ -239,6 +240,38 @@ def test_outputs_truncated_outside_our_tools_are_redone_not_skipped(tmp_path, sl
         assert path.stat().st_size == len(good)
     with h5py.File(layout.features("resnet18", "tr1")) as fh:
         assert fh["features"].shape[0] == fh["coords"].shape[0] > 0
+
+
+def test_features_of_an_older_tiling_or_other_settings_are_redone_not_skipped(tmp_path, slide_factory, capsys):
+    slides = _one_slide_folder(tmp_path, slide_factory("st1", width=2400, height=1800, mpp=0.5, seed=9))
+    out = tmp_path / "out"
+    feats = Layout(out).features("resnet18", "st1")
+    run = ["--slides", str(slides), "--out", str(out), "--no-progress", *ENC]
+    kept = "extract: 0 done, 0 failed, 1 skipped"
+
+    def extract(*extra) -> str:
+        """'kept', or the manifest's reason for the slide it redid."""
+        capsys.readouterr()
+        assert main(["extract", *run, *extra]) == 0
+        return "kept" if kept in capsys.readouterr().out else _rows(out)[("st1", "extract")]["reason"]
+
+    assert main(["tile", *run, "tiling.patch_size=128"]) == 0
+    assert extract() != "kept" and extract() == "kept"
+    first = read_feature_coords(feats)[0]
+    # tiled again on a finer grid (the user overwrote the patches): the old features no longer fit them
+    assert main(["tile", *run, "tiling.patch_size=96", "--overwrite"]) == 0
+    assert extract().startswith("redone (st1.h5 was tiled again")
+    now = read_feature_coords(feats)[0]
+    assert len(now) > len(first) and np.array_equal(now, read_patch_file(Layout(out).patches("st1"))[0])
+    assert extract() == "kept"
+    # settings the user names explicitly are honoured; auto keeps whatever precision made them
+    assert extract("extract.feature_dtype=float16").startswith("redone (stored as float32")
+    assert read_feature_spec(feats).dtype == "float16"
+    assert extract("extract.feature_dtype=float16", "extract.precision=auto") == "kept"
+    made = read_feature_spec(feats).precision  # auto: bf16 on a CPU with native bf16, else fp32
+    other = "bf16" if made == "fp32" else "fp32"
+    assert extract("extract.feature_dtype=float16", f"extract.precision={other}").startswith(f"redone (made in {made}")
+    assert read_feature_spec(feats).precision == other
 
 
 def test_a_dead_processs_lock_is_removed_on_the_next_run(tmp_path, slide_factory):

@@ -78,6 +78,13 @@ def read_feature_spec(path: str | Path) -> FeatureSpec:
         return FeatureSpec.from_attrs(attrs_of(ds), path.parent.name, int(ds.shape[1]))
 
 
+def read_feature_coords(path: str | Path) -> tuple[np.ndarray, PatchSpec]:
+    """The level-0 coords (N, 2) int64 a features file's rows belong to, with the patch spec it copied
+    from the patch file when it was made."""
+    with h5py.File(Path(path), "r") as fh:
+        return fh["coords"][:].astype(np.int64).reshape(-1, 2), PatchSpec.from_attrs(attrs_of(fh["coords"]))
+
+
 def read_bag_cells(path: str | Path) -> np.ndarray | None:
     """A bag's (N, 2) int64 grid cells (col, row), row-aligned with its features: the patch grid's
     ``grid_index``, recovered from the level-0 ``coords`` and the grid step (the tiler places patch i at

@@ -42,10 +42,17 @@ class Task:
     complete: Callable[[Path], bool] = exists  # picklable; an output that fails it is redone
 
     def done(self) -> bool:
+        return self.state()[0]
+
+    def state(self) -> tuple[bool, str]:
+        """(is the existing output complete?, why not: '' when there is no output). A check says why by
+        raising; one that cannot even read the output makes it incomplete too."""
+        if not self.output.exists():
+            return False, ""
         try:
-            return self.complete(self.output)
-        except Exception:  # a check that cannot even read the output: not complete
-            return False
+            return bool(self.complete(self.output)), "it failed its completeness check"
+        except Exception as exc:
+            return False, one_line(exc)
 
 
 @dataclass
@@ -73,7 +80,8 @@ class BatchResult:
 def run_task(fn: Callable[[SlideRef], str | None], task: Task) -> Record:
     """Run one slide under its lock. Never raises: failures become a record with a one-line reason."""
     sid = task.slide.slide_id
-    if not task.overwrite and task.done():
+    done, why = task.state()
+    if not task.overwrite and done:
         return Record(sid, task.stage, "skipped", 0.0, "complete output exists")
     lock = SlideLock(task.lock)
     try:
@@ -88,8 +96,10 @@ def run_task(fn: Callable[[SlideRef], str | None], task: Task) -> Record:
     try:
         if not task.overwrite and task.done():  # another run finished it while we waited
             return Record(sid, task.stage, "skipped", 0.0, "complete output exists")
-        note = fn(task.slide)
-        return Record(sid, task.stage, "done", time.perf_counter() - t0, note or "")
+        note = fn(task.slide) or ""
+        if why and not task.overwrite:  # an existing output was not taken as done: say why it was redone
+            note = f"redone ({why})" + (f": {note}" if note else "")
+        return Record(sid, task.stage, "done", time.perf_counter() - t0, note)
     except Exception as exc:  # one bad slide never stops the batch
         log.debug("slide %s failed", sid, exc_info=True)
         return Record(sid, task.stage, "failed", time.perf_counter() - t0, one_line(exc))

@@ -5,13 +5,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from .. import __version__
 from ..config import Config
 from ..errors import WsiMilError
 from ..features.dataset import patch_dataset
 from ..features.encoders import Preset
 from ..features.engine import Prepared, extract_patches, prepared_encoder
-from ..formats import FeatureSpec, PatchSpec, read_feature_spec, read_patch_file, write_features
+from ..formats import (
+    FeatureSpec,
+    PatchSpec,
+    read_feature_coords,
+    read_feature_spec,
+    read_patch_file,
+    write_features,
+)
 from ..h5io import check_features_file
 from ..layout import Layout, encoder_id, slide_files
 from ..slide import SlideRef
@@ -90,8 +99,39 @@ def extract_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str:
     return note + (f"; {len(bad)} undecodable tile(s) replaced by blank patches" if len(bad) else "")
 
 
+def stale_reason(path: Path, cfg: Config) -> str:
+    """Why complete features at ``path`` are not the ones this config would write now ('' if they are):
+    the slide was tiled again since (other coords or tile geometry than ``patches/<slide>.h5``), the
+    encoder's weights changed, or ``extract.precision`` / ``extract.feature_dtype`` was set to another
+    value. With ``precision: auto`` any precision is kept, so features made on a GPU survive a resume on
+    a CPU. Files another tool wrote (no ``wsi_mil_version``) are the user's and always kept."""
+    theirs = read_feature_spec(path)
+    if not theirs.wsi_mil_version:
+        return ""
+    patches = Layout(path.parents[2]).patches(path.stem)
+    if patches.is_file():
+        coords, spec = read_patch_file(patches)
+        made_from, their_patches = read_feature_coords(path)
+        if not np.array_equal(made_from, coords) or their_patches.patch_size_level0 != spec.patch_size_level0:
+            return f"{patches.name} was tiled again after these features were made"
+    prep = prepared_encoder(cfg.encoder, cfg.extract)
+    if theirs.weights_sha256 != (prep.encoder.weights_sha256 or "none"):
+        return "the encoder's weights changed"
+    asked = cfg.extract.model_fields_set
+    if "precision" in asked and cfg.extract.precision != "auto" and theirs.precision != prep.precision:
+        return f"made in {theirs.precision}, extract.precision is {prep.precision}"
+    if "feature_dtype" in asked and theirs.dtype != cfg.extract.feature_dtype:
+        return f"stored as {theirs.dtype}, extract.feature_dtype is {cfg.extract.feature_dtype}"
+    return ""
+
+
 def _complete(path: Path, cfg: Config) -> bool:
+    """A readable features file that is also current (:func:`stale_reason`); else redone, the reason in
+    the manifest."""
     check_features_file(path)
+    reason = stale_reason(path, cfg)
+    if reason:
+        raise WsiMilError(reason)
     return True
 
 
