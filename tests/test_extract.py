@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import cv2
@@ -253,3 +254,31 @@ def test_cuda_amp_features_are_close_to_fp32(tiled, tmp_path):
         cos = torch.nn.functional.cosine_similarity(torch.from_numpy(feats[prec]).double(), ref, dim=1)
         assert np.isfinite(feats[prec]).all()
         assert cos.min().item() >= 0.99, (prec, cos.min().item())
+
+
+def test_decoding_workers_end_when_the_extracting_process_is_killed(tiled):
+    """The DataLoader workers' parent is the fork server, which outlives a ``kill -9`` of extract; they watch
+    the extracting process instead, and the fork server follows them."""
+    import psutil
+
+    root, path = tiled
+    cmd = [sys.executable, "-m", "wsi_mil.cli", "extract", "--slides", str(path.parent), "--out",
+           str(root / "out"), "--no-progress", "--overwrite", "encoder.name=resnet50", "encoder.pretrained=false",
+           "extract.batch_size=1", "extract.num_workers=2"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.time() + 120, []
+        while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.ppid() != proc.pid]
+        assert len(workers) == 2
+        helpers = psutil.Process(proc.pid).children(recursive=True)  # the fork server and resource tracker too
+        proc.kill()
+        proc.wait(30)
+        _, alive = psutil.wait_procs(helpers, timeout=20)
+        assert not alive, [p.cmdline()[-1][:60] for p in alive]
+    finally:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass

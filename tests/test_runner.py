@@ -177,3 +177,36 @@ def test_one_process_per_gpu_each_pinned_to_its_own_device():
     ex = ProcessExecutor(0, gpus=[0, 1])
     seen = [r for _, r in ex.imap(_visible_gpu, list(range(6)), lambda i, why: None)]
     assert ex.workers == 2 and sorted(set(seen)) == ["0", "1"]
+
+
+POOL_BATCH = """
+import time
+from wsi_mil.runner import ProcessExecutor
+for _ in ProcessExecutor(2, retries=0).imap(time.sleep, [60] * 4, lambda item, why: None):
+    pass
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_process_pools_workers_end_with_the_batch_that_started_them(sig):
+    """``kill PID`` on a batch (not its process group): its pool workers must not finish the slides already
+    handed to them and then wait for ever (each would hold a model, and a GPU's memory)."""
+    import psutil
+
+    batch = subprocess.Popen([sys.executable, "-c", POOL_BATCH], start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        workers = []
+        while len(workers) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+            workers = [p for p in psutil.Process(batch.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        os.kill(batch.pid, sig)
+        batch.wait(30)
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive and len(gone) == 2
+    finally:
+        try:  # the batch's session: whatever of it is left, if the test failed
+            os.killpg(batch.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

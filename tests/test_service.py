@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import SMALL_ENCODER
 
@@ -178,6 +179,34 @@ def test_a_kill_9_mid_job_then_restart_finishes_every_slide_once(served, server,
     for r in rows:
         assert r["prob_tumour"] == ref[r["slide_id"]]["prob_tumour"]
     assert not [p for p in out.rglob("*") if ".wsi_mil-tmp-" in p.name]
+
+
+def _worker_of(srv) -> psutil.Process:
+    """The server's worker process (its other child is multiprocessing's resource tracker)."""
+    (worker,) = [p for p in psutil.Process(srv.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    return worker
+
+
+def test_the_worker_ends_with_the_server_however_the_server_is_stopped(served, server, tmp_path):
+    """Only the server's pid is signalled, as ``kill PID`` or a supervisor does (the other tests kill the
+    whole process group): idle after SIGTERM, and mid-job after SIGKILL, no worker outlives it."""
+    slides, _, _ = served
+    srv = server(out=tmp_path / "svc")
+    worker = _worker_of(srv)
+    os.kill(srv.proc.pid, signal.SIGTERM)
+    srv.proc.wait(30)
+    worker.wait(15)  # psutil.TimeoutExpired if it lives on
+    srv.start()
+    worker = _worker_of(srv)
+    with httpx.Client(base_url=srv.url, timeout=60) as client:
+        job = client.post("/v1/jobs", json={"slides": [str(slides / "m0.svs"), str(slides / "m1.svs")]}).json()["id"]
+        deadline = time.time() + 60
+        while client.get(f"/v1/jobs/{job}").json()["slides"][0]["status"] != "running" and time.time() < deadline:
+            time.sleep(0.05)
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(30)
+    worker.wait(15)
+    assert not worker.is_running()
 
 
 def test_uploaded_slides_are_removed_when_their_job_ends_or_is_refused(served, server, tmp_path):

@@ -68,9 +68,11 @@ def _mil_bags(path: str):
 def run(opts: Options) -> None:
     """k-fold CV bag accuracy of every model on the classical MIL data sets (../shared/mil_benchmarks)."""
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
     from wsi_mil.mil.models import MODELS
+    from wsi_mil.runner.lifetime import end_with
 
     root = Path(opts.mil_dir)
     if not root.is_dir():
@@ -97,7 +99,8 @@ def run(opts: Options) -> None:
     jobs = [(str(root / f"{d}.csv.gz"), n, r, k, folds, overrides, recipe)
             for d in data for r in range(repeats) for n in names for k in range(folds)]
     tally: dict = {}  # (data, model) -> {repeat: [correct, total, seconds, folds done, probs, labels]}
-    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=end_with,
+                             initargs=(os.getpid(),)) as pool:  # a killed bench takes its workers with it
         for d, n, r, correct, total, sec, probs, labels in pool.map(_mil_job, jobs):
             t = tally.setdefault((d, n), {}).setdefault(r, [0, 0, 0.0, 0, [], []])
             t[0], t[1], t[2], t[3] = t[0] + correct, t[1] + total, t[2] + sec, t[3] + 1

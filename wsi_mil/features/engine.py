@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from ..config import EncoderConfig, ExtractConfig
 from ..device import cpu_precision, pick_device
 from ..runner.cache import per_process
+from ..runner.lifetime import end_with
 from .dataset import PatchDataset, collate_batch
 from .encoders import Encoder, build_encoder
 
@@ -56,7 +58,10 @@ def worker_context():
     return ctx
 
 
-def _worker_init(_):
+def _worker_init(main: int, _worker_id: int) -> None:
+    """Decoding workers take one thread each and end with the extracting process ``main`` (their parent
+    is the fork server, which outlives a ``kill -9`` of it: :mod:`wsi_mil.runner.lifetime`)."""
+    end_with(main)
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
     import cv2
 
@@ -108,7 +113,7 @@ def extract_patches(prep: Prepared, dataset: PatchDataset, cfg: ExtractConfig,
     workers = auto_workers(prep.device) if cfg.num_workers < 0 else cfg.num_workers
     loader = DataLoader(
         dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_batch,
-        pin_memory=prep.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        pin_memory=prep.device.type == "cuda", worker_init_fn=partial(_worker_init, os.getpid()) if workers else None,
         prefetch_factor=4 if workers else None, persistent_workers=False,
         multiprocessing_context=worker_context() if workers else None,
     )

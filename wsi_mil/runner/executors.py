@@ -8,11 +8,13 @@ Stages never see which executor runs them. ``serial`` and ``process`` are built 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from .base import Executor, local_gpus
+from .lifetime import end_with
 
 
 class SerialExecutor(Executor):
@@ -21,11 +23,12 @@ class SerialExecutor(Executor):
             yield item, fn(item)
 
 
-def _pin_gpu(queue) -> None:
-    """Pool initializer: give this worker process one GPU before anything initialises CUDA."""
-    import os
-
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+def _init_worker(parent: int, queue=None) -> None:
+    """Pool initializer: end with the batch's process (:mod:`.lifetime`), and with a GPU queue, give this
+    worker one GPU before anything initialises CUDA."""
+    end_with(parent)
+    if queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
 
 
 _QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
@@ -55,12 +58,13 @@ class ProcessExecutor(Executor):
         _quiet_resource_tracker()
         ctx = mp.get_context("spawn")
         if not self.gpus:
-            return ProcessPoolExecutor(max_workers=n, mp_context=ctx)
-        queue = ctx.Manager().Queue()
+            return ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(os.getpid(),))
+        queue = ctx.Queue()  # handed over when each worker is spawned; no manager process to outlive us
         for gpu in self.gpus:
             queue.put(gpu)
-        return ProcessPoolExecutor(max_workers=len(self.gpus), mp_context=ctx, initializer=_pin_gpu,
-                                   initargs=(queue,))
+        return ProcessPoolExecutor(max_workers=len(self.gpus), mp_context=ctx, initializer=_init_worker,
+                                   initargs=(os.getpid(), queue))
 
     def imap(self, fn, items, on_lost):
         pending = list(items)

@@ -32,7 +32,7 @@ def serve(layout: Layout, cfg: Config, model: Path | None, host: str = "127.0.0.
     db = layout.service_queue
     store = JobStore(db, max_queue)
     requeued = store.recover()
-    worker = multiprocessing.get_context("spawn").Process(target=work, args=(db, layout.root, cfg, ref),
+    worker = multiprocessing.get_context("spawn").Process(target=work, args=(db, layout.root, cfg, ref, os.getpid()),
                                                           name="wsi-mil-serve-worker", daemon=True)
     worker.start()
     app = create_service(store, ref.name, worker.is_alive, layout, list(roots), token, host, allow_hosts,

@@ -19,6 +19,7 @@ from ..device import pick_device
 from ..errors import one_line
 from ..layout import Layout
 from ..mil.ensemble import Ensemble, ModelRef
+from ..runner.lifetime import end_with
 from ..slide import SlideRef
 from ..stages import extract, heatmap, tile
 from ..stages.base import run_stage
@@ -29,9 +30,12 @@ from .jobs import JobStore, remove_uploads
 log = logging.getLogger(__name__)
 
 
-def work(db: Path, out: Path, cfg: Config, model: ModelRef) -> None:
+def work(db: Path, out: Path, cfg: Config, model: ModelRef, server: int | None = None) -> None:
     """The worker process: its own connection to the queue, the model loaded once, jobs until killed. Apart
-    from the server's process, so the stages never hold the server's interpreter lock while it answers."""
+    from the server's process, so the stages never hold the server's interpreter lock while it answers.
+    It ends when the server process (pid ``server``) does, however that is stopped."""
+    if server is not None:
+        end_with(server)
     Worker(JobStore(db), Layout(out), cfg, model).run()
 
 
