@@ -4,6 +4,7 @@ run, awkward names, a full disk, user files in odd encodings, stale locks and tr
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,8 +322,8 @@ def test_a_slide_name_cannot_inject_an_mpp_into_the_tiff_description(tmp_path):
             assert float(r.properties[f"{backend}.mpp-x"]) == pytest.approx(8.0, rel=1e-3)
 
 
-def test_awkward_class_names_give_valid_json_and_heatmaps_are_redone_when_the_model_changes(mapped, tmp_path,
-                                                                                              capsys):
+def test_awkward_class_names_give_valid_json_and_heatmaps_are_redone_when_model_features_or_settings_change(
+        mapped, tmp_path, capsys):
     slides, out = mapped
     labels = tmp_path / "labels.csv"
     with labels.open("w", newline="") as fh:
@@ -350,6 +351,21 @@ def test_awkward_class_names_give_valid_json_and_heatmaps_are_redone_when_the_mo
     assert "heatmap: 3 done, 0 failed, 0 skipped" in capsys.readouterr().out
     second = json.loads(layout.heatmap_summary("odd", "m0").read_text())
     assert second["model_id"] != first["model_id"]
+    assert _rows(out)[("m0", "heatmap")]["reason"].startswith("redone (made by another model)")
+    # on a copy of the study (the fixture is shared): m0's features made again, then other map settings
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, symlinks=True)
+    moved = [str(copy) if a == str(out) else a for a in heat]
+    only_m0 = _one_slide_folder(tmp_path, slides / "m0.svs")
+    assert main(["extract", "--slides", str(only_m0), "--out", str(copy), "--no-progress", *ENC,
+                 "extract.feature_dtype=float16"]) == 0
+    capsys.readouterr()
+    assert main(moved) == 0
+    assert "heatmap: 1 done, 0 failed, 2 skipped" in capsys.readouterr().out
+    assert _rows(copy)[("m0", "heatmap")]["reason"].startswith("redone (its features were made again since)")
+    assert main([*moved, "heatmap.alpha=0.3"]) == 0  # glass has no map: the settings do not touch it
+    assert "heatmap: 2 done, 0 failed, 1 skipped" in capsys.readouterr().out
+    assert _rows(copy)[("m1", "heatmap")]["reason"].startswith("redone (heatmap.alpha is now 0.3)")
 
 
 def test_a_slide_with_no_patches_gets_an_empty_prediction_and_bad_files_do_not_stop_predict(mapped, tmp_path):

@@ -12,6 +12,7 @@ import h5py at all: ``make lint``). A record's ``to_attrs`` / ``from_attrs`` are
 from .features import (
     FeatureSpec,
     bag_size,
+    feature_fingerprint,
     read_bag,
     read_bag_cells,
     read_feature_coords,
@@ -29,7 +30,7 @@ from .patches import (
 )
 from .scores import Scores, read_scores, write_scores
 
-__all__ = ["FeatureSpec", "PatchSpec", "Scores", "TissueMask", "bag_size", "read_bag", "read_bag_cells",
-           "read_feature_coords", "read_feature_spec",
-           "read_grid_index", "read_patch_file", "read_patch_spec", "read_scores", "read_tissue_mask",
-           "write_features", "write_patch_file", "write_scores"]
+__all__ = ["FeatureSpec", "PatchSpec", "Scores", "TissueMask", "bag_size", "feature_fingerprint", "read_bag",
+           "read_bag_cells", "read_feature_coords", "read_feature_spec", "read_grid_index", "read_patch_file",
+           "read_patch_spec", "read_scores", "read_tissue_mask", "write_features", "write_patch_file",
+           "write_scores"]

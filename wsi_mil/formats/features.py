@@ -8,6 +8,8 @@ encoder id is their folder's name.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -83,6 +85,16 @@ def read_feature_coords(path: str | Path) -> tuple[np.ndarray, PatchSpec]:
     from the patch file when it was made."""
     with h5py.File(Path(path), "r") as fh:
         return fh["coords"][:].astype(np.int64).reshape(-1, 2), PatchSpec.from_attrs(attrs_of(fh["coords"]))
+
+
+def feature_fingerprint(path: str | Path) -> str:
+    """A short digest of what made a features file: its coords and its :class:`FeatureSpec` (encoder,
+    weights' SHA-256, precision, dtype, device, patch geometry). Features made again from other patches
+    or with other settings get another digest; a copy of the file keeps it. Outputs made from a bag (the
+    heatmaps) record it to notice that their features changed."""
+    coords, _ = read_feature_coords(path)
+    spec = json.dumps(asdict(read_feature_spec(path)), sort_keys=True, default=str)
+    return hashlib.sha256(coords.tobytes() + spec.encode()).hexdigest()[:16]
 
 
 def read_bag_cells(path: str | Path) -> np.ndarray | None:

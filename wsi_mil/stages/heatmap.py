@@ -22,7 +22,7 @@ from ..atomic import atomic_path
 from ..config import Config, config_to_dict
 from ..device import cpu_precision, pick_device
 from ..errors import ConfigError, WsiMilError
-from ..formats import PatchSpec, TissueMask, read_bag, read_tissue_mask, write_scores
+from ..formats import PatchSpec, TissueMask, feature_fingerprint, read_bag, read_tissue_mask, write_scores
 from ..heatmap import export
 from ..heatmap.raster import colorize
 from ..heatmap.scoring import BagScores, SlideMap, map_slide
@@ -160,12 +160,13 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout, model: Model = N
     ens = ensemble(layout, cfg, model)
     bag = _slide_bag(layout, cfg, slide.slide_id, ens)
     ident = {"slide_id": slide.slide_id, "run": run_name(cfg, model), "model_id": ens.model_id}
+    made_from = {"features_fingerprint": bag_fingerprint(layout, ens, bag.slides or [slide.slide_id])}
     with atomic_path(layout.heatmap_dir(run_name(cfg, model), slide.slide_id)) as folder:
         folder.mkdir()
         if len(bag.coords) == 0:  # glass only: there is nothing to map (nor, for a slide bag, to predict)
             export.summary_json(folder / "summary.json", {
                 **ident, "task": ens.task.name, "prediction": None, "n_patches": 0,
-                "note": "0 patches (no tissue): nothing to map"})
+                "note": "0 patches (no tissue): nothing to map", **made_from})
             return "0 patches: nothing to map"
         precision = cpu_precision(cfg.heatmap.precision)
         view, scores = _bag_scores(ens, bag, precision)
@@ -174,7 +175,8 @@ def heatmap_slide(slide: SlideRef, cfg: Config, layout: Layout, model: Model = N
                            cfg.heatmap, refine)
         write_scores(folder / "scores.h5", result.scores)
         extra = _exports(slide, cfg, folder, result, _title(slide.slide_id, view, bag))
-        export.summary_json(folder / "summary.json", _summary(ident, cfg, ens, view, bag, result, precision, extra))
+        summary = _summary(ident, cfg, ens, view, bag, result, precision, extra)
+        export.summary_json(folder / "summary.json", {**summary, **made_from})
     return f"{view.text}, {len(bag.coords)} patches"
 
 
@@ -232,11 +234,35 @@ def setup(cfg: Config, layout: Layout, model: Model = None) -> None:
     ensemble(layout, cfg, model)
 
 
+def bag_fingerprint(layout: Layout, ens: Ensemble, slides) -> str:
+    """The features a map was made from: the digests of its bag's slides' features files, in bag order."""
+    return ",".join(feature_fingerprint(layout.features(ens.meta.encoder_id, s)) for s in slides)
+
+
+def stale_reason(summary: dict, layout: Layout, cfg: Config, model: Model = None) -> str:
+    """Why a slide's finished map is not the one this run would make ('' if it is): another model, other
+    ``heatmap`` settings, or features made again since (a slide tiled or extracted anew)."""
+    ens = ensemble(layout, cfg, model)
+    if summary.get("model_id") != ens.model_id:
+        return "made by another model"
+    now = config_to_dict(cfg.heatmap)
+    changed = sorted(k for k, v in (summary.get("heatmap") or {}).items() if now.get(k) != v)
+    if changed:
+        return f"heatmap.{changed[0]} is now {now.get(changed[0])!r}"
+    made = summary.get("features_fingerprint")
+    if made is not None and made != bag_fingerprint(layout, ens, summary.get("bag_slides") or [summary["slide_id"]]):
+        return "its features were made again since"
+    return ""
+
+
 def _complete(path: Path, cfg: Config, model: Model = None) -> bool:
-    """Done only if its summary parses and names the model the run holds now."""
+    """Done only if its summary parses and is current (:func:`stale_reason`); else redone, the reason in
+    the manifest."""
     summary = json.loads(path.read_text())
-    layout = Layout(path.parents[3])  # heatmaps/<run>/<slide>/summary.json
-    return summary.get("model_id") == ensemble(layout, cfg, model).model_id
+    reason = stale_reason(summary, Layout(path.parents[3]), cfg, model)  # heatmaps/<run>/<slide>/summary.json
+    if reason:
+        raise WsiMilError(reason)
+    return True
 
 
 def _folders(layout: Layout, cfg: Config, model: Model = None) -> list[Path]:
