@@ -225,6 +225,29 @@ def test_dtfd_distils_the_instances_its_grad_cam_ranks_first_and_last(distill):
     torch.testing.assert_close(out.logits[0], want.detach())  # the order of the distilled set does not matter
 
 
+def test_dtfd_splits_a_batch_of_uneven_bags_as_it_splits_each_bag_alone():
+    """The batched forward: an empty bag, one with fewer instances than pseudo-bags and longer ones, side by
+    side, each get min(M, n) pseudo-bags, the tier-1 logits of their own split and the logits they get
+    alone; in training the loss stays finite and every bag's gradient reaches the head."""
+    torch.manual_seed(1)
+    model = build_model({"name": "dtfd_mil", "hidden_dim": 8, "attention_dim": 4, "dropout": 0.0,
+                         "kwargs": {"groups": 4}}, 6, 2).double().eval()
+    lens = [0, 2, 9, 17]
+    x = torch.randn(len(lens), 20, 6, dtype=torch.float64)
+    mask = torch.arange(20)[None] < torch.tensor(lens)[:, None]
+    out = model(x, mask)
+    owner = out.aux["pseudo_owner"].tolist()
+    assert [owner.count(b) for b in range(len(lens))] == [min(4, n) for n in lens]
+    for b, n in enumerate(lens):
+        alone = model(x[b:b + 1, :n], mask[b:b + 1, :n])
+        torch.testing.assert_close(out.logits[b], alone.logits[0])
+        torch.testing.assert_close(out.aux["pseudo_logits"][torch.tensor(owner) == b], alone.aux["pseudo_logits"])
+    model.train()
+    loss = model.compute_loss(model(x, mask), torch.tensor([0, 1, 0, 1]))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_spatial_digits_bags_tell_classes_apart_only_by_arrangement():
     """Positive bags hold a contiguous block of target digits, negative bags as many isolated ones (none
     touching another), so the count of target digits is the same in both classes."""

@@ -15,7 +15,8 @@ instance learning for histopathology whole slide image classification", CVPR 202
 
 The split is random in training (drawn from torch's seeded generator); in evaluation it is a fixed
 permutation of the bag's present instances (seeded by their count), so a prediction is deterministic and
-a bag alone equals it padded. Instance scores are the tier-1 attention logits (before the softmax): they
+a bag alone equals it padded. A batch's bags are split one by one (the same random stream as bag by bag)
+and then scored together, their pseudo-bags padded to the batch's largest. Instance scores are the tier-1 attention logits (before the softmax): they
 depend on the instance alone, so they rank alike across pseudo-bags and under every task. The Grad-CAM
 logits, scaled by each pseudo-bag's softmax, are used only to pick the distilled instances; as a map their
 mean over survival intervals did not find the target digits (instance AUROC 0.55), the attention does.
@@ -59,42 +60,57 @@ class DTFDMIL(MILModel):
         idx = torch.cat([perm, perm.new_full((m * g - n,), -1)]).reshape(g, m).T
         return idx.clamp_min(0), idx >= 0
 
-    def _bag(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One bag's present instances [n, D] -> (bag logits [C], attention logits [n], tier-1 logits [M, C])."""
-        n, c = len(h), self.cls1.out_features
-        if n == 0:
-            return self.cls2(h.new_zeros(h.shape[1])), h.new_zeros(0), h.new_zeros(0, c)
-        idx, present = self._groups(n, h.device)
-        hg = h[idx]  # [M, g, D]
-        logit = self.att1(hg).squeeze(-1)
-        a = masked_softmax(logit.masked_fill(~present, float("-inf")), present)
-        weighted = a.unsqueeze(-1) * hg
-        cam = weighted @ self.cls1.weight.T  # [M, g, C]: s_k,c = W_1,c . (a_k h_k)
-        att = h.new_zeros(n).index_copy_(0, idx[present], logit[present].to(h.dtype))
-        tier1 = self.cls1(weighted.sum(1))
+    def _split(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every bag's pseudo-bags at once: (rows [B, M, g] into the padded bag, present [B, M, g], valid
+        [B, M]). Bag b's split is :meth:`_groups` of its n_b present instances (drawn in bag order, so the
+        random stream is the per-bag one); pseudo-bags past its own min(M, n_b) are empty and not valid."""
+        n = mask.sum(1).tolist()
+        splits = [self._groups(k, mask.device) if k else None for k in n]
+        m = max((s[0].shape[0] for s in splits if s is not None), default=1)
+        g = max((s[0].shape[1] for s in splits if s is not None), default=1)
+        rows = mask.new_zeros((len(n), m, g), dtype=torch.long)
+        present = mask.new_zeros((len(n), m, g))
+        for b, split in enumerate(splits):
+            if split is None:
+                continue
+            idx, ok = split
+            where = mask[b].nonzero().squeeze(1)  # present instance j is padded row where[j]
+            rows[b, : idx.shape[0], : idx.shape[1]] = where[idx]
+            present[b, : idx.shape[0], : idx.shape[1]] = ok
+        return rows, present, present.any(-1)
+
+    def _distil(self, hg: torch.Tensor, weighted: torch.Tensor, present: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vector per pseudo-bag [B, M', D] (M' = 2M for maxmins) and which of them are valid."""
         if self.distill == "afs":
-            distilled = weighted.sum(1)
-        else:
-            p = torch.softmax(cam.float(), -1)[..., -1]
-            top = p.masked_fill(~present, -1.0).argmax(1)
-            pick = [top] if self.distill == "maxs" else [top, p.masked_fill(~present, 2.0).argmin(1)]
-            distilled = torch.cat([hg[torch.arange(len(hg)), k] for k in pick])
-        a2 = torch.softmax(self.att2(distilled).squeeze(-1), 0)
-        return self.cls2((a2[:, None] * distilled).sum(0)), att, tier1
+            return weighted.sum(2), valid
+        cam = weighted @ self.cls1.weight.T  # [B, M, g, C]: s_k,c = W_1,c . (a_k h_k)
+        p = torch.softmax(cam.float(), -1)[..., -1]
+        pick = [p.masked_fill(~present, -1.0).argmax(-1)]
+        if self.distill == "maxmins":
+            pick.append(p.masked_fill(~present, 2.0).argmin(-1))
+        chosen = [hg.gather(2, k[..., None, None].expand(-1, -1, 1, hg.shape[-1])).squeeze(2) for k in pick]
+        return torch.cat(chosen, 1), valid.repeat(1, len(pick))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
+        if x.shape[1] == 0:  # no instance slots at all: one absent slot gives the pseudo-bags a row to index
+            out = self.forward(x.new_zeros(x.shape[0], 1, x.shape[2]), mask.new_zeros(mask.shape[0], 1))
+            return MILOutput(out.logits, out.instance_scores[:, :0], out.aux)
         h = self.embed(x)
-        logits, scores, tier1, owner = [], [], [], []
-        for b in range(x.shape[0]):
-            lg, att, t1 = self._bag(h[b, mask[b]])
-            full = torch.full((x.shape[1],), float("-inf"), device=x.device, dtype=att.dtype)
-            full[mask[b]] = att
-            logits.append(lg)
-            scores.append(full)
-            tier1.append(t1)
-            owner += [b] * len(t1)
-        return MILOutput(torch.stack(logits), torch.stack(scores),
-                         {"pseudo_logits": torch.cat(tier1), "pseudo_owner": torch.tensor(owner, device=x.device)})
+        rows, present, valid = self._split(mask)
+        batch = torch.arange(len(h), device=h.device)[:, None, None]
+        hg = h[batch, rows]  # [B, M, g, D]
+        logit = self.att1(hg).squeeze(-1)
+        a = masked_softmax(logit, present)
+        weighted = a.unsqueeze(-1) * hg
+        tier1 = self.cls1(weighted.sum(2))[valid]  # [sum_b M_b, C], bag-major as pseudo_owner
+        distilled, ok = self._distil(hg, weighted, present, valid)
+        a2 = masked_softmax(self.att2(distilled).squeeze(-1), ok)
+        logits = self.cls2((a2.unsqueeze(-1) * distilled).sum(1))
+        scores = torch.full(mask.shape, float("-inf"), device=x.device, dtype=logit.dtype)
+        scores[batch.expand_as(rows)[present], rows[present]] = logit[present]
+        owner = batch[:, :, 0].expand_as(valid)[valid]
+        return MILOutput(logits, scores, {"pseudo_logits": tier1, "pseudo_owner": owner})
 
     def compute_loss(self, output: MILOutput, target: torch.Tensor, class_weight: torch.Tensor | None = None,
                      bag_loss=None) -> dict:
