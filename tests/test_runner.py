@@ -182,27 +182,37 @@ def test_one_process_per_gpu_each_pinned_to_its_own_device():
 POOL_BATCH = """
 import time
 from wsi_mil.runner import ProcessExecutor
-for _ in ProcessExecutor(2, retries=0).imap(time.sleep, [60] * 4, lambda item, why: None):
+for _ in ProcessExecutor(2, retries=0).imap(time.sleep, [600] * 4, lambda item, why: None):
     pass
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_a_process_pools_workers_end_with_the_batch_that_started_them(sig):
-    """``kill PID`` on a batch (not its process group): its pool workers must not finish the slides already
-    handed to them and then wait for ever (each would hold a model, and a GPU's memory)."""
+def _pool_batch():
     import psutil
 
-    batch = subprocess.Popen([sys.executable, "-c", POOL_BATCH], start_new_session=True)
+    batch = subprocess.Popen([sys.executable, "-c", POOL_BATCH], start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, []
+    while len(workers) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+        workers = [p for p in psutil.Process(batch.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    return batch, workers
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL", "Ctrl-C", "SIGINT to the batch alone"])
+def test_a_process_pools_workers_end_with_the_batch_that_started_them(how):
+    """``kill PID`` on a batch (not its process group): its pool workers must not finish the slides already
+    handed to them and then wait for ever (each would hold a model, and a GPU's memory). Ctrl-C (the whole
+    process group) or SIGINT stops the batch at once, not after every slide it had submitted (600 s each)."""
+    import psutil
+
+    batch, workers = _pool_batch()
     try:
-        deadline = time.time() + 60
-        workers = []
-        while len(workers) < 2 and time.time() < deadline:
-            time.sleep(0.2)
-            workers = [p for p in psutil.Process(batch.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 2
-        os.kill(batch.pid, sig)
-        batch.wait(30)
+        if how == "Ctrl-C":
+            os.killpg(batch.pid, signal.SIGINT)
+        else:
+            os.kill(batch.pid, {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}.get(how, signal.SIGINT))
+        batch.wait(60)
         gone, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive and len(gone) == 2
     finally:

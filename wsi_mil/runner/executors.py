@@ -73,18 +73,35 @@ class ProcessExecutor(Executor):
             with self._pool(min(self.workers, len(pending))) as pool:
                 futures = {pool.submit(fn, item): item for item in pending}
                 pending = []
-                while futures:
-                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        item = futures.pop(fut)
-                        try:
-                            yield item, fut.result()
-                        except BrokenProcessPool:
-                            tries[id(item)] += 1
-                            if tries[id(item)] > self.retries:
-                                yield item, on_lost(item, f"worker process died {tries[id(item)]} times")
-                            else:
-                                pending.append(item)
+                try:
+                    while futures:
+                        done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            item = futures.pop(fut)
+                            try:
+                                yield item, fut.result()
+                            except BrokenProcessPool:
+                                tries[id(item)] += 1
+                                if tries[id(item)] > self.retries:
+                                    yield item, on_lost(item, f"worker process died {tries[id(item)]} times")
+                                else:
+                                    pending.append(item)
+                except BaseException:  # Ctrl-C, or the batch stopped reading: stop now, not after every slide
+                    _stop(pool)
+                    raise
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel the slides not started and end the workers at once: the pool's own exit would wait for every
+    slide already submitted (all of them), so Ctrl-C on a batch went on for the whole batch. A slide cut
+    off is redone on the next run, as after a crash."""
+    stop = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    procs = [] if stop else list((getattr(pool, "_processes", None) or {}).values())  # gone after shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
+    if stop is not None:
+        stop()
+    for proc in procs:
+        proc.terminate()
 
 
 def make_executor(kind: str, workers: int = 0, retries: int = 2, dask_address: str | None = None,
