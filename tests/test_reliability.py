@@ -243,7 +243,7 @@ def test_outputs_truncated_outside_our_tools_are_redone_not_skipped(tmp_path, sl
         assert fh["features"].shape[0] == fh["coords"].shape[0] > 0
 
 
-def test_features_of_an_older_tiling_or_other_settings_are_redone_not_skipped(tmp_path, slide_factory, capsys):
+def test_patches_and_features_of_older_settings_are_redone_not_skipped(tmp_path, slide_factory, capsys):
     slides = _one_slide_folder(tmp_path, slide_factory("st1", width=2400, height=1800, mpp=0.5, seed=9))
     out = tmp_path / "out"
     feats = Layout(out).features("resnet18", "st1")
@@ -259,8 +259,13 @@ def test_features_of_an_older_tiling_or_other_settings_are_redone_not_skipped(tm
     assert main(["tile", *run, "tiling.patch_size=128"]) == 0
     assert extract() != "kept" and extract() == "kept"
     first = read_feature_coords(feats)[0]
-    # tiled again on a finer grid (the user overwrote the patches): the old features no longer fit them
-    assert main(["tile", *run, "tiling.patch_size=96", "--overwrite"]) == 0
+    # asked for a finer grid, tile redoes the patches (keys left at their defaults are not compared)
+    capsys.readouterr()
+    assert main(["tile", *run, "tiling.patch_size=128"]) == main(["tile", *run]) == 0
+    assert capsys.readouterr().out.count("tile: 0 done, 0 failed, 1 skipped") == 2
+    assert main(["tile", *run, "tiling.patch_size=96", "tissue.threshold_min=15"]) == 0
+    assert _rows(out)[("st1", "tile")]["reason"].startswith("redone (tiled with tiling.patch_size=128, now 96)")
+    # and the old features no longer fit them
     assert extract().startswith("redone (st1.h5 was tiled again")
     now = read_feature_coords(feats)[0]
     assert len(now) > len(first) and np.array_equal(now, read_patch_file(Layout(out).patches("st1"))[0])

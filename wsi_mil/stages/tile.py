@@ -16,7 +16,8 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text
 from ..config import Config, EncoderConfig, TilingConfig, config_to_dict
-from ..formats import PatchSpec, TissueMask, write_patch_file
+from ..errors import WsiMilError
+from ..formats import PatchSpec, TissueMask, read_patch_spec, write_patch_file
 from ..h5io import check_patch_file
 from ..layout import Layout
 from ..qc import contour_qc, fit_qc, grid_qc, write_png
@@ -164,8 +165,37 @@ def tile_slide(slide: SlideRef, cfg: Config, layout: Layout) -> str | None:
     return "no tissue found: 0 patches" if n == 0 else f"{n} patches"
 
 
+# tiling.<key> -> the PatchSpec field that records it
+RECORDED = {"target_mpp": "target_mpp", "patch_size": "patch_size_target", "overlap": "overlap_fraction",
+            "min_tissue_fraction": "min_tissue_fraction"}
+
+
+def stale_reason(spec: PatchSpec, cfg: Config) -> str:
+    """Why a patch file is not what this config asks for ('' if it is): a ``tiling`` or ``tissue`` key the
+    user set has another value than the file records. Keys left at their defaults are not compared, so
+    the tiles another encoder's native size chose are kept rather than redone for each encoder; files
+    another tool wrote (no ``wsi_mil_version``) are kept."""
+    if not spec.wsi_mil_version:
+        return ""
+    tiling = effective_tiling(cfg)
+    for key in sorted(cfg.tiling.model_fields_set & RECORDED.keys()):
+        now, then = float(getattr(tiling, key)), float(getattr(spec, RECORDED[key]))
+        if not np.isclose(now, then, rtol=1e-6, atol=0):
+            return f"tiled with tiling.{key}={then:g}, now {now:g}"
+    tissue = config_to_dict(cfg.tissue)
+    for key in sorted(cfg.tissue.model_fields_set):
+        if key in spec.tissue_params and spec.tissue_params[key] != tissue[key]:
+            return f"tiled with tissue.{key}={spec.tissue_params[key]!r}, now {tissue[key]!r}"
+    return ""
+
+
 def _complete(path: Path, cfg: Config) -> bool:
+    """A readable patch file that is also current (:func:`stale_reason`); else redone, the reason in the
+    manifest."""
     check_patch_file(path)
+    reason = stale_reason(read_patch_spec(path), cfg)
+    if reason:
+        raise WsiMilError(reason)
     return True
 
 
