@@ -80,8 +80,8 @@ class BatchResult:
 def run_task(fn: Callable[[SlideRef], str | None], task: Task) -> Record:
     """Run one slide under its lock. Never raises: failures become a record with a one-line reason."""
     sid = task.slide.slide_id
-    done, why = task.state()
-    if not task.overwrite and done:
+    done, why = (False, "") if task.overwrite else task.state()
+    if done:
         return Record(sid, task.stage, "skipped", 0.0, "complete output exists")
     lock = SlideLock(task.lock)
     try:
@@ -97,7 +97,7 @@ def run_task(fn: Callable[[SlideRef], str | None], task: Task) -> Record:
         if not task.overwrite and task.done():  # another run finished it while we waited
             return Record(sid, task.stage, "skipped", 0.0, "complete output exists")
         note = fn(task.slide) or ""
-        if why and not task.overwrite:  # an existing output was not taken as done: say why it was redone
+        if why:  # an existing output was not taken as done: say why it was redone
             note = f"redone ({why})" + (f": {note}" if note else "")
         return Record(sid, task.stage, "done", time.perf_counter() - t0, note)
     except Exception as exc:  # one bad slide never stops the batch

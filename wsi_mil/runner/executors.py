@@ -95,11 +95,12 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel the slides not started and end the workers at once: the pool's own exit would wait for every
     slide already submitted (all of them), so Ctrl-C on a batch went on for the whole batch. A slide cut
     off is redone on the next run, as after a crash."""
-    stop = getattr(pool, "terminate_workers", None)  # Python 3.14+
-    procs = [] if stop else list((getattr(pool, "_processes", None) or {}).values())  # gone after shutdown
-    pool.shutdown(wait=False, cancel_futures=True)
+    stop = getattr(pool, "terminate_workers", None)  # Python 3.14+: terminates, then shuts the pool down
     if stop is not None:
         stop()
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # the pool forgets them on shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
     for proc in procs:
         proc.terminate()
 
