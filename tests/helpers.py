@@ -1,4 +1,5 @@
-"""Comparing output trees: HDF5 by content (datasets and attrs), everything else byte for byte."""
+"""Comparing output trees: HDF5 by content (datasets and attrs), everything else byte for byte; finding a
+process's spawned workers."""
 
 from __future__ import annotations
 
@@ -50,3 +51,11 @@ def assert_same_outputs(a: Path, b: Path) -> None:
 
 def temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if TMP_TAG in p.name]
+
+
+def spawned_workers(pid: int) -> list:
+    """The multiprocessing ``spawn`` children of process ``pid`` (psutil processes), not its resource
+    tracker."""
+    import psutil
+
+    return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]

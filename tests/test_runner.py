@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BROKEN
-from helpers import assert_same_outputs, temp_files
+from helpers import assert_same_outputs, spawned_workers, temp_files
 
 from wsi_mil.atomic import HOST, TMP_TAG, atomic_path, clean_stale_temps
 from wsi_mil.cli import main
@@ -188,13 +188,11 @@ for _ in ProcessExecutor(2, retries=0).imap(time.sleep, [600] * 4, lambda item, 
 
 
 def _pool_batch():
-    import psutil
-
     batch = subprocess.Popen([sys.executable, "-c", POOL_BATCH], start_new_session=True, stderr=subprocess.DEVNULL)
     deadline, workers = time.time() + 60, []
     while len(workers) < 2 and time.time() < deadline:
         time.sleep(0.2)
-        workers = [p for p in psutil.Process(batch.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = spawned_workers(batch.pid)
     assert len(workers) == 2
     return batch, workers
 

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 from conftest import SMALL_ENCODER
+from helpers import spawned_workers
 
 from wsi_mil.cli import main
 
@@ -182,8 +183,7 @@ def test_a_kill_9_mid_job_then_restart_finishes_every_slide_once(served, server,
 
 
 def _worker_of(srv) -> psutil.Process:
-    """The server's worker process (its other child is multiprocessing's resource tracker)."""
-    (worker,) = [p for p in psutil.Process(srv.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    (worker,) = spawned_workers(srv.proc.pid)
     return worker
 
 

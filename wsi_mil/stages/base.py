@@ -8,6 +8,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 from ..config import Config
+from ..errors import WsiMilError
 from ..layout import Layout
 from ..runner import BatchResult, make_executor, run_batch
 from ..slide import SlideRef, open_slide
@@ -24,6 +25,14 @@ class SlideStage:
     complete: Callable[[Path, Config], bool] | None = None  # is an existing output really complete?
     gpu: bool = False
     setup: Callable[[Config, Layout], object] | None = None  # run once before the batch (fail fast, one line)
+
+
+def current(reason: str) -> bool:
+    """The end of a stage's completeness check: True for an output this run would make again, else the
+    reason it would not, raised so the runner redoes the slide and records ``redone (<reason>)``."""
+    if reason:
+        raise WsiMilError(reason)
+    return True
 
 
 @lru_cache(maxsize=8)

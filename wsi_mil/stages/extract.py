@@ -24,7 +24,7 @@ from ..formats import (
 from ..h5io import check_features_file
 from ..layout import Layout, encoder_id, slide_files
 from ..slide import SlideRef
-from .base import SlideStage
+from .base import SlideStage, current
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ def _complete(path: Path, cfg: Config) -> bool:
     """A readable features file that is also current (:func:`stale_reason`); else redone, the reason in
     the manifest."""
     check_features_file(path)
-    reason = stale_reason(path, cfg)
-    if reason:
-        raise WsiMilError(reason)
-    return True
+    return current(stale_reason(path, cfg))
 
 
 STAGE = SlideStage(

@@ -34,7 +34,7 @@ from ..mil.patients import group_slides, patient_map
 from ..mil.tasks.base import MapView
 from ..runner import per_process
 from ..slide import SlideRef
-from .base import SlideStage, open_configured
+from .base import SlideStage, current, open_configured
 
 Model = str | Path | None  # a run name, a run folder or a checkpoint; None: heatmap.run, else train.run_name
 
@@ -259,10 +259,7 @@ def _complete(path: Path, cfg: Config, model: Model = None) -> bool:
     """Done only if its summary parses and is current (:func:`stale_reason`); else redone, the reason in
     the manifest."""
     summary = json.loads(path.read_text())
-    reason = stale_reason(summary, Layout(path.parents[3]), cfg, model)  # heatmaps/<run>/<slide>/summary.json
-    if reason:
-        raise WsiMilError(reason)
-    return True
+    return current(stale_reason(summary, Layout(path.parents[3]), cfg, model))  # heatmaps/<run>/<slide>/summary.json
 
 
 def _folders(layout: Layout, cfg: Config, model: Model = None) -> list[Path]:

@@ -16,7 +16,6 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_text
 from ..config import Config, EncoderConfig, TilingConfig, config_to_dict
-from ..errors import WsiMilError
 from ..formats import PatchSpec, TissueMask, read_patch_spec, write_patch_file
 from ..h5io import check_patch_file
 from ..layout import Layout
@@ -25,7 +24,7 @@ from ..runner.memory import reuse_large_blocks
 from ..slide import SlideRef
 from ..tiling import Grid, make_grid, patch_read_geometry, reader_attrs
 from ..tissue import detect_tissue, load_user_geojson, mask_to_geojson
-from .base import SlideStage, open_configured
+from .base import SlideStage, current, open_configured
 
 
 @dataclass
@@ -193,10 +192,7 @@ def _complete(path: Path, cfg: Config) -> bool:
     """A readable patch file that is also current (:func:`stale_reason`); else redone, the reason in the
     manifest."""
     check_patch_file(path)
-    reason = stale_reason(read_patch_spec(path), cfg)
-    if reason:
-        raise WsiMilError(reason)
-    return True
+    return current(stale_reason(read_patch_spec(path), cfg))
 
 
 STAGE = SlideStage(
