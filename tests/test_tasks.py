@@ -643,8 +643,11 @@ def test_patient_bags_are_predicted_per_patient_and_mapped_on_one_scale_across_i
     column = {"classification": "prob_normal", "survival_cox": "risk", "regression": "pred", "multilabel": "prob_A"}[task]
     assert float(rows["PM"][column]) == pytest.approx(float(output[0]), rel=1e-4, abs=1e-5)
     assert int(rows["PM"]["n_patches"]) == sum(len(f) for f in feats)
-    assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *SMALL_ENCODER,
-                 "heatmap.top_k=0", "heatmap.exports=[geojson]", "heatmap.precision=fp32", f"train.labels={labels}"]) == 0
+    settings = [*SMALL_ENCODER, "heatmap.top_k=0", "heatmap.exports=[geojson]", "heatmap.precision=fp32",
+                f"train.labels={labels}"]
+    assert main(["heatmap", "--slides", str(slides), "--out", str(out), "--no-progress", *settings]) == 0
+    if task == "classification":
+        _a_patient_bag_that_loses_a_slide_is_stale(layout, settings)
     logits, pct = {}, {}
     for m in ("m0", "m1"):
         summary = json.loads(layout.heatmap_summary("default", m).read_text())
@@ -656,6 +659,24 @@ def test_patient_bags_are_predicted_per_patient_and_mapped_on_one_scale_across_i
     for m in ("m0", "m1"):
         np.testing.assert_allclose(pct[m], percentile_rank(logits[m], whole), atol=1e-3)
     assert pct["m1"].mean() != pytest.approx(50.0, abs=0.5) or pct["m0"].mean() != pytest.approx(50.0, abs=0.5)
+
+
+def _a_patient_bag_that_loses_a_slide_is_stale(layout, settings):
+    """Resume redoes a patient's maps when the patient's bag changes (a slide's features gone or added
+    since), not only when the recorded slides' features change."""
+    from wsi_mil.config import load_config
+    from wsi_mil.stages.heatmap import stale_reason
+
+    cfg = load_config(None, settings)
+    summary = json.loads(layout.heatmap_summary("default", "m0").read_text())
+    assert stale_reason(summary, layout, cfg) == ""
+    m1 = layout.features("resnet18", "m1")
+    m1.rename(m1.with_suffix(".aside"))
+    try:
+        assert stale_reason(summary, layout, cfg) == "its patient's bag is now 1 slide(s): m0"
+    finally:
+        m1.with_suffix(".aside").rename(m1)
+    assert stale_reason(summary, layout, cfg) == ""
 
 
 # -- digits-bags survival ------------------------------------------------------------------------------

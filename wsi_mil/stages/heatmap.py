@@ -98,14 +98,22 @@ class SlideBag:
     slides: tuple[str, ...] = ()
 
 
-def _slide_bag(layout: Layout, cfg: Config, slide_id: str, ens: Ensemble) -> SlideBag:
-    feats, coords, spec, cells = _load_features(layout, slide_id, ens)
+def bag_members(layout: Layout, cfg: Config, slide_id: str, ens: Ensemble) -> tuple[str | None, list[str]]:
+    """The patient and the slides, in bag order, of the bag a slide's map comes from: for a patient-level
+    run, the patient's slides that have features now; else (None, [the slide])."""
     patients = patient_map(ens.meta, cfg.train.labels)
     if patients is None:
-        return SlideBag(feats, coords, spec, slice(0, len(coords)), cells)
+        return None, [slide_id]
     pid = patients.get(slide_id, slide_id)
     have = [s for s, p in patients.items() if p == pid and layout.features(ens.meta.encoder_id, s).is_file()]
-    members = group_slides([*have, slide_id] if slide_id not in have else have, patients)[pid]
+    return pid, group_slides([*have, slide_id] if slide_id not in have else have, patients)[pid]
+
+
+def _slide_bag(layout: Layout, cfg: Config, slide_id: str, ens: Ensemble) -> SlideBag:
+    feats, coords, spec, cells = _load_features(layout, slide_id, ens)
+    pid, members = bag_members(layout, cfg, slide_id, ens)
+    if pid is None:
+        return SlideBag(feats, coords, spec, slice(0, len(coords)), cells)
     parts = [(feats, cells) if s == slide_id else _features_and_cells(layout, s, ens) for s in members]
     start = sum(len(f) for f, _ in parts[:members.index(slide_id)])
     return SlideBag(torch.cat([f for f, _ in parts]), coords, spec, slice(start, start + len(coords)),
@@ -241,7 +249,8 @@ def bag_fingerprint(layout: Layout, ens: Ensemble, slides) -> str:
 
 def stale_reason(summary: dict, layout: Layout, cfg: Config, model: Model = None) -> str:
     """Why a slide's finished map is not the one this run would make ('' if it is): another model, other
-    ``heatmap`` settings, or features made again since (a slide tiled or extracted anew)."""
+    ``heatmap`` settings, features made again since (a slide tiled or extracted anew), or, for a
+    patient-level run, a patient's bag that has gained or lost a slide."""
     ens = ensemble(layout, cfg, model)
     if summary.get("model_id") != ens.model_id:
         return "made by another model"
@@ -250,7 +259,12 @@ def stale_reason(summary: dict, layout: Layout, cfg: Config, model: Model = None
     if changed:
         return f"heatmap.{changed[0]} is now {now.get(changed[0])!r}"
     made = summary.get("features_fingerprint")
-    if made is not None and made != bag_fingerprint(layout, ens, summary.get("bag_slides") or [summary["slide_id"]]):
+    if made is None:  # a map made before fingerprints were recorded
+        return ""
+    _, members = bag_members(layout, cfg, summary["slide_id"], ens)
+    if members != (summary.get("bag_slides") or [summary["slide_id"]]):
+        return f"its patient's bag is now {len(members)} slide(s): {', '.join(members)}"
+    if made != bag_fingerprint(layout, ens, members):
         return "its features were made again since"
     return ""
 
