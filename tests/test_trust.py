@@ -278,6 +278,18 @@ def test_overrides_are_accepted_before_and_after_options():
         parse_args(["train", "--out", "o", "a=1", "--bogus"])
 
 
+def test_every_help_page_renders(capsys):
+    """`wsi-mil --help` and each subcommand's --help print and exit 0 (argparse %-formats help texts)."""
+    from wsi_mil.cli import HELP
+
+    for argv in (["--help"], *([stage, "--help"] for stage in HELP)):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(argv)
+        text = capsys.readouterr().out
+        assert exit_.value.code == 0 and text.startswith("usage: wsi-mil"), argv
+        assert all(stage in text for stage in HELP) if argv == ["--help"] else HELP[argv[0]] in " ".join(text.split())
+
+
 # -- the real stages: run's ignored labels, heatmap's non-finite features ---------------------------------
 
 REAL_ENC = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0"]

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsi-mil", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, text in HELP.items():
-        sp = sub.add_parser(name, help=text, description=text)
+        sp = sub.add_parser(name, help=text.replace("%", "%%"), description=text)  # help texts are %-formatted
         if name == "compare":  # reads run folders only: no config, no overrides
             sp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (e.g. OUT/models/*)")
             sp.add_argument("--output", type=Path, help="where to write (default: the runs' parent folder)")
