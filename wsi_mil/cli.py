@@ -41,7 +41,8 @@ log = logging.getLogger("wsi_mil")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wsi-mil", description=__doc__.split("\n\n")[0])
+    usage, contract = (part.replace("``", "") for part in __doc__.strip().split("\n\n"))
+    p = argparse.ArgumentParser(prog="wsi-mil", description=usage, epilog=contract)
     sub = p.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, text in HELP.items():
         sp = sub.add_parser(name, help=text.replace("%", "%%"), description=text)  # help texts are %-formatted
