@@ -290,6 +290,20 @@ def test_every_help_page_renders(capsys):
         assert all(stage in text for stage in HELP) if argv == ["--help"] else HELP[argv[0]] in " ".join(text.split())
 
 
+def test_a_refused_command_leaves_no_new_out_folder(tmp_path, capsys):
+    """A typo in --slides or a missing key leaves the file system as it was: the --out folders the command
+    made are removed again while empty; a folder that existed, or holds anything, stays."""
+    deep = tmp_path / "new" / "study"
+    one_line_error(capsys, main(["tile", "--slides", str(tmp_path / "typo"), "--out", str(deep)]), "typo")
+    assert not (tmp_path / "new").exists()
+    one_line_error(capsys, main(["train", "--out", str(deep), "--no-progress"]), "train.labels")
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    one_line_error(capsys, main(["train", "--out", str(kept), "--no-progress"]), "train.labels")
+    assert kept.is_dir()
+
+
 # -- the real stages: run's ignored labels, heatmap's non-finite features ---------------------------------
 
 REAL_ENC = ["encoder.name=resnet18", "encoder.pretrained=false", "extract.num_workers=0"]

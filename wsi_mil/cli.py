@@ -261,19 +261,40 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _new_folders(path: Path | None) -> list[Path]:
+    """The folders of ``path`` that do not exist yet, deepest first: what --out's mkdir would create."""
+    new = []
+    while path is not None and not path.exists() and path != path.parent:
+        new.append(path)
+        path = path.parent
+    return new
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """A command refused for a user error leaves no trace: the --out folders it created, if still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    created = _new_folders(getattr(args, "out", None))
     try:
         return dispatch(args, _config(args))
     except WsiMilError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        _remove_if_empty(created)
         return 2
     except OSError as exc:  # a full disk, a vanished folder: one line, not a traceback
         log.debug("OS error", exc_info=True)
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        _remove_if_empty(created)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
