@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import numpy as np
 import pytest
@@ -64,7 +63,7 @@ def test_evaluate_a_classification_run_on_another_cohort(classification):
     assert m["auroc"]["value"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
     assert m["brier"]["value"] == pytest.approx(brier_score_loss(y, p), abs=1e-5)
     for v in m.values():
-        assert v["n_boot"] == 200 and (math.isnan(v["low"]) or v["low"] - 1e-9 <= v["value"] <= v["high"] + 1e-9)
+        assert v["n_boot"] == 200 and (v["low"] is None or v["low"] - 1e-9 <= v["value"] <= v["high"] + 1e-9)
     threshold = json.loads((out / "models" / "default" / "summary.json").read_text())["threshold"]["value"]
     assert summary["threshold"] == pytest.approx(threshold)
     assert all((r["pred"] == "tumour") == (float(r["prob_tumour"]) >= threshold - 1e-6) for r in rows)
@@ -76,6 +75,34 @@ def test_evaluate_a_classification_run_on_another_cohort(classification):
     again = json.loads((folder / "metrics.json").read_text())["metrics"]
     assert _evaluate(out, labels, feats) == 0  # seeded: the same intervals again
     assert json.loads((folder / "metrics.json").read_text())["metrics"] == again
+
+
+def test_a_cohort_of_one_class_has_a_sensitivity_and_null_for_what_is_undefined(classification, tmp_path, capsys):
+    """An all-tumour cohort (a positives-only validation set): AUROC, balanced accuracy and specificity are
+    undefined and written as null (metrics.json is strict JSON, no NaN); sensitivity needs only positives,
+    so it is reported, equal to sklearn's recall on the written predictions."""
+    from sklearn.metrics import recall_score
+
+    out, labels, feats = classification
+    rows = _rows(labels)
+    with (tmp_path / "tumour.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["label"] == "tumour")
+    assert _evaluate(out, tmp_path / "tumour.csv", feats, "--name", "tumour_only") == 0
+    assert "auroc undefined" in capsys.readouterr().out
+    folder = out / "evaluations" / "default" / "tumour_only"
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    m = json.loads((folder / "metrics.json").read_text(), parse_constant=refuse)["metrics"]
+    assert all(m[k]["value"] is None and m[k]["n_undefined"] == 200 for k in ("auroc", "balanced_accuracy", "specificity"))
+    written = _rows(folder / "predictions.csv")
+    assert {r["label"] for r in written} == {"tumour"}
+    truth, pred = [r["label"] for r in written], [r["pred"] for r in written]
+    assert m["sensitivity"]["value"] == pytest.approx(recall_score(truth, pred, pos_label="tumour"))
+    assert m["sensitivity"]["n_undefined"] == 0 and m["sensitivity"]["low"] is not None
 
 
 def test_a_cohort_with_a_class_the_run_never_saw_is_one_line(classification, tmp_path, capsys):

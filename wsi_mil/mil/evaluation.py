@@ -118,3 +118,9 @@ def plot_classification(out: Path, y: np.ndarray, p: np.ndarray, pred: np.ndarra
 def guarded(fn, y: np.ndarray, need: int = 2):
     """``fn(indices)``, NaN on resamples with fewer than ``need`` distinct values of ``y`` (undefined)."""
     return lambda i: fn(i) if len(np.unique(y[i])) >= need else math.nan
+
+
+def given(fn, y: np.ndarray, label):
+    """``fn(indices)``, NaN on resamples without a bag of ``label``: a recall (sensitivity, specificity)
+    needs only its own class, so an all-tumour cohort still has a sensitivity."""
+    return lambda i: fn(i) if (y[i] == label).any() else math.nan

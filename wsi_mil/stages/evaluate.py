@@ -73,12 +73,30 @@ def evaluate(layout: Layout, cfg: Config, labels: Path, model: Path | str | None
                    "bootstrap": {"resamples": e.bootstrap, "seed": e.seed, "level": 0.95, "unit": "patient"},
                    "metrics": metrics, **plots,
                    "skipped": {"no_features": data.no_features, "no_patches": data.no_patches}}
-        write_text(folder / "metrics.json", json.dumps(summary, indent=1, default=float))
+        summary = _nulls(summary)
+        write_text(folder / "metrics.json", json.dumps(summary, indent=1, allow_nan=False))
     return summary, layout.evaluation_dir(ref.name, name)
 
 
+def _nulls(value):
+    """Plain JSON: numpy numbers as Python's, and an undefined figure (NaN: an AUROC of a cohort with one
+    class, an interval with no defined resample) as null, which every JSON reader parses; NaN is not JSON."""
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulls(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _figure(v: dict) -> str:
+    if v["value"] is None:
+        return "undefined"
+    return f"{v['value']:.3f} " + ("[no interval]" if v["low"] is None else f"[{v['low']:.3f}, {v['high']:.3f}]")
+
+
 def summary_line(summary: dict, folder: Path) -> str:
-    shown = ", ".join(f"{k} {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]" for k, v in summary["metrics"].items()
-                      if not k.startswith("auroc_"))
+    shown = ", ".join(f"{k} {_figure(v)}" for k, v in summary["metrics"].items() if not k.startswith("auroc_"))
     return (f"evaluate: {summary['run']} on {Path(summary['cohort']).name} ({summary['n_bags']} bags, "
             f"{summary['n_patients']} patients): {shown} -> {folder}")

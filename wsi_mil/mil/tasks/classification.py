@@ -50,7 +50,7 @@ class Classification(Task):
         kappa when the classes are integers (ordinal grades). All from sklearn."""
         from sklearn import metrics as m
 
-        from ..evaluation import guarded
+        from ..evaluation import given, guarded
         from ..metrics import auroc
 
         y = np.array([b.label for b in bags])
@@ -60,8 +60,8 @@ class Classification(Task):
         if len(self.classes) == 2:
             out.update({
                 "f1": lambda i: m.f1_score(y[i], pred[i], zero_division=0),
-                "sensitivity": guarded(lambda i: m.recall_score(y[i], pred[i], pos_label=1, zero_division=0), y),
-                "specificity": guarded(lambda i: m.recall_score(y[i], pred[i], pos_label=0, zero_division=0), y),
+                "sensitivity": given(lambda i: m.recall_score(y[i], pred[i], pos_label=1, zero_division=0), y, 1),
+                "specificity": given(lambda i: m.recall_score(y[i], pred[i], pos_label=0, zero_division=0), y, 0),
                 "brier": lambda i: m.brier_score_loss(y[i], outputs[i, 1])})
         else:
             out["macro_f1"] = lambda i: m.f1_score(y[i], pred[i], average="macro", zero_division=0)
