@@ -117,8 +117,8 @@ def test_a_cohort_with_a_class_the_run_never_saw_is_one_line(classification, tmp
 def test_evaluate_a_survival_run_on_another_cohort(tmp_path):
     from sksurv.metrics import concordance_index_censored
 
-    labels_a, _, out = _study(tmp_path / "a", make_survival_cohort, 0, 12)
-    labels_b, feats_b, _ = _study(tmp_path / "b", make_survival_cohort, 1, 12)
+    labels_a, _, out = _study(tmp_path / "a", make_survival_cohort, 0, 8)
+    labels_b, feats_b, _ = _study(tmp_path / "b", make_survival_cohort, 1, 8)
     assert main(["train", "--out", str(out), "--no-progress", *SMALL_ENCODER, f"train.labels={labels_a}",
                  "train.folds=2", "train.epochs=4", "train.min_epochs=4", "train.val_fraction=0", "train.task=survival",
                  "train.survival.loss=cox", "train.batch_size=4", "model.hidden_dim=16", "model.attention_dim=8"]) == 0
