@@ -332,6 +332,42 @@ def test_three_classes_train_with_macro_ovr_metrics(tmp_path):
     assert abs(sum(float(row[f"prob_{c}"]) for c in "abc") - 1) < 1e-4
 
 
+def test_a_test_fold_of_one_class_is_null_in_the_run_summary_and_compare_still_reads_it(feature_cohort, tmp_path,
+                                                                                         capsys):
+    """A fixed split whose test slides are all normal leaves that fold's AUROC undefined. summary.json says
+    so with null: NaN is not JSON, and strict readers (jq, a browser's JSON.parse) refuse a file holding it."""
+    feats, labels = feature_cohort
+    with labels.open() as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:  # patients P0 and P2 (normal) are the test set; P4 (normal) and P5 (tumour) validate
+        pid = int(r["patient_id"][1:])
+        r["split"] = "test" if pid in (0, 2) else "val" if pid in (4, 5) else "train"
+    split_labels = tmp_path / "split.csv"
+    with split_labels.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    assert main(["train", "--out", str(out), "--no-progress", f"train.labels={split_labels}",
+                 f"train.features={feats}", "train.split_column=split", "train.epochs=2", "model.hidden_dim=8",
+                 "model.attention_dim=4"]) == 0
+    assert "AUROC undefined in every one of the 1 test folds" in capsys.readouterr().out
+
+    def refuse(name):
+        raise AssertionError(f"summary.json holds {name}")
+
+    run = out / "models" / "default"
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=refuse)
+    fold = summary["folds"][0]
+    assert fold["auroc"] is None and summary["mean_std"]["auroc"]["mean"] is None
+    assert fold["accuracy"] == pytest.approx(fold["balanced_accuracy"])  # defined: recall of the one class
+    assert main(["compare", str(run), "--output", str(tmp_path / "cmp")]) == 0
+    with (tmp_path / "cmp" / "comparison.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert row["auroc_mean"] == "nan"
+    assert float(row["balanced_accuracy_mean"]) == pytest.approx(fold["balanced_accuracy"])
+
+
 def test_several_models_train_on_identical_splits_and_compare_writes_the_table(feature_cohort, tmp_path):
     feats, labels = feature_cohort
     out = tmp_path / "out"

@@ -74,6 +74,31 @@ def write_text(final: str | Path, text: str) -> None:
     write_bytes(final, text.encode())
 
 
+def plain_json(value):
+    """``value`` as strict JSON holds it: numpy numbers as Python's, and an undefined figure (NaN or an
+    infinity: the AUROC of a fold or cohort with one class) as null. NaN is not JSON (RFC 8259): browsers'
+    ``JSON.parse``, jq and strict readers refuse a file holding it."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # a numpy scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(final: str | Path, value, indent: int | None = 1) -> None:
+    """The one JSON writer of our outputs: :func:`plain_json` of ``value``, atomically; ``allow_nan=False``
+    guards that nothing non-finite gets through."""
+    import json
+
+    write_text(final, json.dumps(plain_json(value), indent=indent, allow_nan=False))
+
+
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 

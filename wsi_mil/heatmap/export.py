@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, write_json, write_text
 from ..qc import write_png
 from ..tiff import description_text, iter_tiles, write_pyramid
 from .raster import colorize
@@ -144,7 +144,7 @@ def extreme_patches(folder: Path, reader, coords: np.ndarray, scores: np.ndarray
 
 
 def summary_json(path: Path, summary: dict) -> None:
-    write_text(path, json.dumps(summary, indent=1, default=float))
+    write_json(path, summary)
 
 
 # -- the registry --------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ def _load(run: Path) -> dict:
     if not isinstance(summary, dict) or not summary.get("folds"):
         raise WsiMilError(f"{run}: no test folds to compare (train with train.folds >= 2)")
     splits = (run / "splits.csv").read_text() if (run / "splits.csv").is_file() else None
-    return {"run": run.name, "model": summary.get("model", "?"), "folds": summary["folds"], "splits": splits,
+    # a fold metric left undefined (one class in the test fold) is null in the file, NaN here
+    folds = [{k: math.nan if v is None else v for k, v in f.items()} for f in summary["folds"]]
+    return {"run": run.name, "model": summary.get("model", "?"), "folds": folds, "splits": splits,
             "task": summary.get("task", "classification")}
 
 
@@ -149,7 +151,9 @@ def compare(runs: list[Path], loaded: list[dict] | None = None) -> list[dict]:
         row = {"run": item["run"], "model": item["model"], "n_folds": len(item["folds"])}
         for m in metrics:
             vals = np.array([f.get(m, math.nan) for f in item["folds"]], float)
-            row[f"{m}_mean"], row[f"{m}_std"] = float(np.nanmean(vals)), float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
+            vals = vals[np.isfinite(vals)]  # folds where the metric is defined; NaN where there are none
+            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else math.nan
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else math.nan
         rows.append(row)
     best = max(range(len(rows)), key=lambda i: np.nan_to_num(rows[i][f"{main}_mean"], nan=-np.inf))
     ref = loaded[best]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import file_sha256, write_text
+from ..atomic import file_sha256, write_json
 from ..errors import WsiMilError
 from ..layout import Layout
 from .checkpoint import CheckpointMeta, load_checkpoint
@@ -23,11 +23,12 @@ RUN_MARKER = "summary.json"
 
 
 def write_run_summary(run_dir: str | Path, summary: dict) -> Path:
-    """Write a run's ``summary.json``, the marker that makes it complete; it must list its ``fold_files``."""
+    """Write a run's ``summary.json``, the marker that makes it complete; it must list its ``fold_files``.
+    Strict JSON: a fold metric that a one-class test fold leaves undefined is null, not NaN."""
     if not summary.get("fold_files"):
         raise ValueError("a run summary must list its fold_files")
     path = Path(run_dir) / RUN_MARKER
-    write_text(path, json.dumps(summary, indent=1, default=float))
+    write_json(path, summary)
     return path
 
 

@@ -11,12 +11,11 @@ swapped in whole; ``metrics.json`` is written last.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, write_csv, write_text
+from ..atomic import atomic_path, plain_json, write_csv, write_json
 from ..config import Config, TrainConfig
 from ..device import pick_device
 from ..errors import WsiMilError
@@ -73,21 +72,9 @@ def evaluate(layout: Layout, cfg: Config, labels: Path, model: Path | str | None
                    "bootstrap": {"resamples": e.bootstrap, "seed": e.seed, "level": 0.95, "unit": "patient"},
                    "metrics": metrics, **plots,
                    "skipped": {"no_features": data.no_features, "no_patches": data.no_patches}}
-        summary = _nulls(summary)
-        write_text(folder / "metrics.json", json.dumps(summary, indent=1, allow_nan=False))
+        summary = plain_json(summary)
+        write_json(folder / "metrics.json", summary)
     return summary, layout.evaluation_dir(ref.name, name)
-
-
-def _nulls(value):
-    """Plain JSON: numpy numbers as Python's, and an undefined figure (NaN: an AUROC of a cohort with one
-    class, an interval with no defined resample) as null, which every JSON reader parses; NaN is not JSON."""
-    if isinstance(value, dict):
-        return {k: _nulls(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nulls(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _figure(v: dict) -> str:

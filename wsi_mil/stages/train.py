@@ -223,7 +223,11 @@ def _score_line(summary: dict) -> str:
     key = summary["main_metric"]
     ms = summary["mean_std"].get(key)
     shown = {"auroc": "AUROC", "c_index": "c-index", "r2": "R²", "macro_auroc": "macro AUROC"}.get(key, key)
-    return f"{shown} {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds" if ms else "no test folds"
+    if not ms:
+        return "no test folds"
+    if not math.isfinite(ms["mean"]):
+        return f"{shown} undefined in every one of the {len(summary['folds'])} test folds (each holds one class)"
+    return f"{shown} {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds"
 
 
 def _bags_line(summary: dict) -> str:
