@@ -180,8 +180,10 @@ def test_one_process_per_gpu_each_pinned_to_its_own_device():
 
 
 POOL_BATCH = """
-import time
+import signal, time
 from wsi_mil.runner import ProcessExecutor
+# as from a terminal: a suite started in the background (nohup, `cmd &`) hands its children SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 for _ in ProcessExecutor(2, retries=0).imap(time.sleep, [600] * 4, lambda item, why: None):
     pass
 """
