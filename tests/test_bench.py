@@ -17,7 +17,7 @@ from pipelines.bench import SECTIONS  # noqa: E402
 # what each section must print besides its header: its ratios, or the figure it exists for
 PRINTS = {
     "tile": ["patches, tissue recall"], "extract": ["b/a =", "ours / naive ="],
-    "train": ["a/b =", "pure/ours =", "peak RSS (wsi-mil, default cache)"], "scale": ["throughput ratio"],
+    "train": ["a/b =", "pure/ours =", "three/merged =", "peak RSS (wsi-mil, default cache)"], "scale": ["throughput ratio"],
     "heatmap": ["seconds per slide"], "mil": ["accuracy", "AUROC"], "view": ["cold p95"],
     "survival": ["c-index", "oracle"], "formats": ["x the svs"], "spatial": ["bag AUROC"],
     "fits": ["serial/dask ="], "serve": ["5xx: 0 of"],

@@ -152,6 +152,31 @@ def test_transmil_attention_is_softmax_attention_and_nystrom_agrees_where_it_is_
     assert (nrow - erow).abs().max() < 0.03 * erow.max()
 
 
+def test_transmil_ppeg_is_its_three_convolutions_plus_identity_with_the_same_gradients():
+    """PPEG (Shao et al. 2021, eq. 7 and Algorithm 2): grid + conv7(grid) + conv5(grid) + conv3(grid), each
+    a zero-padded depthwise convolution. Ours runs them as one summed 7x7 kernel; the reference here runs
+    the three nn.Conv2d layers themselves, and every kernel's and bias's gradient must agree too."""
+    from wsi_mil.mil.models.transmil import PPEG
+
+    torch.manual_seed(0)
+    ppeg, side = PPEG(16), 5
+    x = torch.randn(2, 1 + side * side, 16, requires_grad=True)
+    target = torch.randn(2, 1 + side * side, 16)
+    got = ppeg(x, side)
+    (got * target).sum().backward()
+    ours = [p.grad.clone() for p in ppeg.parameters()] + [x.grad.clone()]
+    ppeg.zero_grad()
+    x.grad = None
+    grid = x[:, 1:].transpose(1, 2).reshape(2, 16, side, side)
+    ref_grid = grid + ppeg.convs[0](grid) + ppeg.convs[1](grid) + ppeg.convs[2](grid)
+    ref = torch.cat([x[:, :1], ref_grid.flatten(2).transpose(1, 2)], dim=1)
+    (ref * target).sum().backward()
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(ours, [p.grad for p in ppeg.parameters()] + [x.grad]):
+        torch.testing.assert_close(a, b)
+    assert [k for k, _ in ppeg.state_dict().items()] == [f"convs.{i}.{w}" for i in range(3) for w in ("weight", "bias")]
+
+
 def test_smooth_top1_svm_matches_its_definition():
     from wsi_mil.mil.models.clam import smooth_top1_svm
 

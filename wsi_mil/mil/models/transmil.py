@@ -98,16 +98,29 @@ class NystromAttention(nn.Module):
 
 
 class PPEG(nn.Module):
-    """Pyramid position encoding generator: depthwise 7x7 + 5x5 + 3x3 convolutions plus identity."""
+    """Pyramid position encoding generator: depthwise 7x7 + 5x5 + 3x3 convolutions plus identity.
+
+    The three convolutions are centred, zero-padded and linear, so their sum is one depthwise 7x7
+    convolution whose kernel is the three kernels summed (the 5x5 and 3x3 centred in it) and whose bias is
+    their biases summed: the same function, computed as one convolution forward and backward instead of
+    three. The three layers stay as parameters (``convs.0-2``), the authors' layout."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3))
 
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one 7x7 depthwise kernel [dim, 1, 7, 7] and bias [dim] equal to the three convolutions."""
+        big = self.convs[0].kernel_size[0]
+        weight = sum(F.pad(c.weight, [(big - c.kernel_size[0]) // 2] * 4) for c in self.convs)
+        return weight, sum(c.bias for c in self.convs)
+
     def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
         cls, feat = x[:, :1], x[:, 1:]
         grid = feat.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
-        grid = grid + sum(conv(grid) for conv in self.convs)
+        weight, bias = self.merged()
+        grid = grid + F.conv2d(grid, weight.to(grid.dtype), bias.to(grid.dtype), padding=weight.shape[-1] // 2,
+                               groups=grid.shape[1])
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
