@@ -1,8 +1,14 @@
 """mil: repeated k-fold CV bag accuracy and AUROC of every head on the classical MIL data sets
-(../shared/mil_benchmarks). Accuracy alone says little on corel dogs, where 0.950 is the all-negative answer."""
+(../shared/mil_benchmarks). Accuracy alone says little on corel dogs, where 0.950 is the all-negative answer.
+
+Each fold's result is kept in ``CACHE/mil/`` under a name that hashes everything that decides it (the
+data file's sha256, head, repeat, fold, fold count, overrides, recipe file, and wsi_mil's source), so a
+killed or stopped run goes on from the folds it finished, and a code change starts afresh."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -53,6 +59,37 @@ def _mil_job(job: tuple) -> tuple:
             probs[:, 1].tolist(), y[test_idx].tolist())
 
 
+def _source_digest() -> str:
+    """sha256 of wsi_mil's Python source and the recipe file: a fold result made by other code is not reused."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for f in sorted([*(root / "wsi_mil").rglob("*.py"), root / "configs" / "mil" / "ilse2018.yaml"]):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _result_file(folder: Path, job: tuple, source: str, data_sha: dict) -> Path:
+    path, name, repeat, fold, folds, overrides, recipe = job
+    key = json.dumps([data_sha[path], name, repeat, fold, folds, list(overrides), recipe, source])
+    return folder / f"{Path(path).name.split('.')[0]}-{name}-r{repeat}-f{fold}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _stored(file: Path) -> tuple | None:
+    """A fold result written by an earlier run (None if absent or unreadable: that fold runs again)."""
+    try:
+        r = json.loads(file.read_text())
+        return tuple(r[k] for k in ("data", "model", "repeat", "correct", "total", "seconds", "probs", "labels"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store(file: Path, result: tuple) -> None:
+    from wsi_mil.atomic import write_json
+
+    keys = ("data", "model", "repeat", "correct", "total", "seconds", "probs", "labels")
+    write_json(file, dict(zip(keys, result)), indent=None)
+
+
 _MIL_CACHE: dict = {}
 
 
@@ -96,20 +133,45 @@ def run(opts: Options) -> None:
         what += f", with {' '.join(opts.mil_set)}"
     print(f"\n== mil: {folds}-fold CV bag accuracy and AUROC x {repeats} repeat(s) (folds reshuffled per repeat, the same "
           f"for every model), {what}, 2 processes")
-    jobs = [(str(root / f"{d}.csv.gz"), n, r, k, folds, overrides, recipe)
+    jobs = [(str(root / f"{d}.csv.gz"), n, r, k, folds, tuple(overrides), recipe)
             for d in data for r in range(repeats) for n in names for k in range(folds)]
+    files = _result_files(opts.cache / "mil", jobs)
+    done = {job: _stored(files[job]) for job in jobs}
+    todo = [job for job in jobs if done[job] is None]
+    if len(todo) < len(jobs):
+        print(f"  {len(jobs) - len(todo)} of {len(jobs)} fold results reused from {opts.cache / 'mil'} (made by this "
+              "code on these data; delete the folder to run them again)")
     tally: dict = {}  # (data, model) -> {repeat: [correct, total, seconds, folds done, probs, labels]}
-    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=end_with,
-                             initargs=(os.getpid(),)) as pool:  # a killed bench takes its workers with it
-        for d, n, r, correct, total, sec, probs, labels in pool.map(_mil_job, jobs):
-            t = tally.setdefault((d, n), {}).setdefault(r, [0, 0, 0.0, 0, [], []])
-            t[0], t[1], t[2], t[3] = t[0] + correct, t[1] + total, t[2] + sec, t[3] + 1
-            t[4] += probs
-            t[5] += labels
-            if t[3] == folds:
-                print(f"  {d:22s} {n:20s} repeat {r}: accuracy {t[0] / t[1]:.3f}, AUROC {_auroc(t):.3f} "
-                      f"({t[2]:.0f} s)", flush=True)
+    for job in jobs:
+        if done[job] is not None:
+            _add(tally, done[job], folds)
+    if todo:
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=end_with,
+                                 initargs=(os.getpid(),)) as pool:  # a killed bench takes its workers with it
+            for job, result in zip(todo, pool.map(_mil_job, todo)):
+                _store(files[job], result)  # as each fold ends: a killed run resumes from here
+                _add(tally, result, folds)
     print(_table(tally, names, data))
+
+
+def _result_files(folder: Path, jobs: list[tuple]) -> dict:
+    from wsi_mil.atomic import file_sha256
+
+    source = _source_digest()
+    data_sha = {path: file_sha256(path) for path in {job[0] for job in jobs}}
+    return {job: _result_file(folder, job, source, data_sha) for job in jobs}
+
+
+def _add(tally: dict, result: tuple, folds: int) -> None:
+    """One fold's result into its repeat's tally; the repeat's line once its last fold is in."""
+    d, n, r, correct, total, sec, probs, labels = result
+    t = tally.setdefault((d, n), {}).setdefault(r, [0, 0, 0.0, 0, [], []])
+    t[0], t[1], t[2], t[3] = t[0] + correct, t[1] + total, t[2] + sec, t[3] + 1
+    t[4] += probs
+    t[5] += labels
+    if t[3] == folds:
+        print(f"  {d:22s} {n:20s} repeat {r}: accuracy {t[0] / t[1]:.3f}, AUROC {_auroc(t):.3f} "
+              f"({t[2]:.0f} s)", flush=True)
 
 
 def _auroc(t: list) -> float:
