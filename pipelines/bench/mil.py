@@ -74,11 +74,14 @@ def _result_file(folder: Path, job: tuple, source: str, data_sha: dict) -> Path:
     return folder / f"{Path(path).name.split('.')[0]}-{name}-r{repeat}-f{fold}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+FIELDS = ("data", "model", "repeat", "correct", "total", "seconds", "probs", "labels")  # a _mil_job result
+
+
 def _stored(file: Path) -> tuple | None:
     """A fold result written by an earlier run (None if absent or unreadable: that fold runs again)."""
     try:
         r = json.loads(file.read_text())
-        return tuple(r[k] for k in ("data", "model", "repeat", "correct", "total", "seconds", "probs", "labels"))
+        return tuple(r[k] for k in FIELDS)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -86,8 +89,7 @@ def _stored(file: Path) -> tuple | None:
 def _store(file: Path, result: tuple) -> None:
     from wsi_mil.atomic import write_json
 
-    keys = ("data", "model", "repeat", "correct", "total", "seconds", "probs", "labels")
-    write_json(file, dict(zip(keys, result)), indent=None)
+    write_json(file, dict(zip(FIELDS, result)), indent=None)
 
 
 _MIL_CACHE: dict = {}

@@ -20,6 +20,7 @@ from ..atomic import atomic_path, write_csv, write_text
 from ..errors import WsiMilError
 from ..userfiles import read_json
 from .ensemble import RUN_MARKER, model_files
+from .metrics import mean_std
 
 METRICS = {  # per task, its main metric first: the one runs are ranked and paired-tested on
     "classification": ("auroc", "balanced_accuracy", "macro_f1"),
@@ -149,11 +150,8 @@ def compare(runs: list[Path], loaded: list[dict] | None = None) -> list[dict]:
     rows = []
     for item in loaded:
         row = {"run": item["run"], "model": item["model"], "n_folds": len(item["folds"])}
-        for m in metrics:
-            vals = np.array([f.get(m, math.nan) for f in item["folds"]], float)
-            vals = vals[np.isfinite(vals)]  # folds where the metric is defined; NaN where there are none
-            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else math.nan
-            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else math.nan
+        for m, ms in mean_std(item["folds"], metrics).items():
+            row[f"{m}_mean"], row[f"{m}_std"] = ms["mean"], ms["std"]
         rows.append(row)
     best = max(range(len(rows)), key=lambda i: np.nan_to_num(rows[i][f"{main}_mean"], nan=-np.inf))
     ref = loaded[best]

@@ -45,9 +45,12 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, class_names: list[s
 
 
 def mean_std(per_fold: list[dict], keys=("auroc", "balanced_accuracy", "accuracy", "macro_f1")) -> dict:
+    """Mean and std (ddof 1) of each metric over the folds where it is defined (a one-class test fold leaves
+    an AUROC undefined: NaN, or null read back from summary.json); NaN where no fold defines it."""
     out = {}
     for k in keys:
-        vals = np.array([m[k] for m in per_fold if not math.isnan(m[k])], float)
+        vals = np.array([m.get(k) for m in per_fold], float)  # None (null) and a missing key -> NaN
+        vals = vals[np.isfinite(vals)]
         out[k] = {"mean": float(vals.mean()) if len(vals) else math.nan,
                   "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else math.nan}
     return out
