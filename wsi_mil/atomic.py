@@ -91,12 +91,14 @@ def plain_json(value):
     return value
 
 
-def write_json(final: str | Path, value, indent: int | None = 1) -> None:
+def write_json(final: str | Path, value, indent: int | None = 1):
     """The one JSON writer of our outputs: :func:`plain_json` of ``value``, atomically; ``allow_nan=False``
-    guards that nothing non-finite gets through."""
+    guards that nothing non-finite gets through. Returns what it wrote (the plain value)."""
     import json
 
-    write_text(final, json.dumps(plain_json(value), indent=indent, allow_nan=False))
+    plain = plain_json(value)
+    write_text(final, json.dumps(plain, indent=indent, allow_nan=False))
+    return plain
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, plain_json, write_csv, write_json
+from ..atomic import atomic_path, write_csv, write_json
 from ..config import Config, TrainConfig
 from ..device import pick_device
 from ..errors import WsiMilError
@@ -72,8 +72,7 @@ def evaluate(layout: Layout, cfg: Config, labels: Path, model: Path | str | None
                    "bootstrap": {"resamples": e.bootstrap, "seed": e.seed, "level": 0.95, "unit": "patient"},
                    "metrics": metrics, **plots,
                    "skipped": {"no_features": data.no_features, "no_patches": data.no_patches}}
-        summary = plain_json(summary)
-        write_json(folder / "metrics.json", summary)
+        summary = write_json(folder / "metrics.json", summary)  # as written: undefined figures are None
     return summary, layout.evaluation_dir(ref.name, name)
 
 

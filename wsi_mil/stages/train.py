@@ -226,7 +226,7 @@ def _score_line(summary: dict) -> str:
     if not ms:
         return "no test folds"
     if not math.isfinite(ms["mean"]):
-        return f"{shown} undefined in every one of the {len(summary['folds'])} test folds (each holds one class)"
+        return f"{shown} undefined in every one of the {len(summary['folds'])} test folds"
     return f"{shown} {ms['mean']:.3f} ± {ms['std']:.3f} over {len(summary['folds'])} folds"
 
 
